@@ -1,0 +1,61 @@
+"""patchkit: patch PyTorch / Hugging Face models in place through plugins, and reverse exactly.
+
+    import patchkit
+    report = patchkit.apply(model, attention="sdpa")   # or quantize="int8", ...
+    print(report)
+    patchkit.reverse(model)                             # the original objects, back in place
+"""
+
+from __future__ import annotations
+
+from .attention_backends import AttentionBackend
+from .engine import PatchReport, Swap, applied, apply, is_patched, patched, plan, reverse
+from .errors import (
+    ConflictError,
+    NotPatchedError,
+    PatchedModelError,
+    PatchError,
+    PluginError,
+    UnsupportedError,
+)
+from .hookspecs import hookimpl
+from .modules import share_as
+from .patcher import Patcher, PatchContext, Requirements
+from .planning import Plan
+from .registry import PluginInfo, Registry, default_registry
+
+
+def plugins() -> list[PluginInfo]:
+    """Every discovered plugin: name, version, patchers, backends, status (loaded / skipped / failed) and reason."""
+    return default_registry().plugins()
+
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionBackend",
+    "ConflictError",
+    "NotPatchedError",
+    "PatchContext",
+    "PatchError",
+    "PatchReport",
+    "PatchedModelError",
+    "Patcher",
+    "Plan",
+    "PluginError",
+    "PluginInfo",
+    "Registry",
+    "Requirements",
+    "Swap",
+    "UnsupportedError",
+    "applied",
+    "apply",
+    "default_registry",
+    "hookimpl",
+    "is_patched",
+    "patched",
+    "plan",
+    "plugins",
+    "reverse",
+    "share_as",
+]

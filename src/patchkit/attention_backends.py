@@ -1,0 +1,38 @@
+"""The attention-kernel vocabulary shared by attention patchers and the plugins that offer kernels.
+
+Core only stores backends by name (see :func:`patchkit.registry.Registry.attention_backends`);
+what a backend computes is described here so third parties can add one through the
+``register_attention_backends`` hook without importing any first-party plugin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """A varlen attention kernel.
+
+    ``varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+    window=(-1, -1), alibi_slopes=None, dropout=0.0) -> out``: ``q`` is ``[total_q, heads, dim]``,
+    ``k``/``v`` are ``[total_k, kv_heads, dim]`` (``heads`` a multiple of ``kv_heads``),
+    ``cu_seqlens_*`` int32 offsets of each sequence; ``out`` is ``[total_q, heads, dim]``.
+    Causal masks align to the bottom-right (the last query sees the last key), as in flash-attn.
+
+    ``unavailable(device, dtype, needs)`` returns ``None`` when the kernel can run for tensors on
+    ``device`` with ``dtype`` and the features in ``needs`` (e.g. ``{"alibi", "window", "backward"}``),
+    else a one-line reason that says what to change. ``auto=False`` keeps it out of
+    ``backend="auto"`` (the pure-PyTorch reference is only used when asked for by name).
+    """
+
+    name: str
+    varlen: Callable[..., Any]
+    unavailable: Callable[[Any, Any, frozenset[str]], str | None]
+    priority: int = 0
+    auto: bool = True
+    features: frozenset[str] = frozenset()
+    description: str = ""
+    plugin: str = ""
