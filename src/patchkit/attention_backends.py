@@ -36,3 +36,50 @@ class AttentionBackend:
     features: frozenset[str] = frozenset()
     description: str = ""
     plugin: str = ""
+
+
+def resolve_backend(
+    backends: dict[str, AttentionBackend],
+    name: str,
+    device: Any,
+    dtype: Any,
+    needs: frozenset[str] = frozenset(),
+) -> AttentionBackend:
+    """Pick the kernel for tensors on ``device`` with ``dtype`` needing the features ``needs``.
+
+    ``name="auto"`` tries backends with ``auto=True`` by descending ``priority`` and returns the
+    first whose ``unavailable`` says ``None``; a named backend must exist and fit. Raises
+    :class:`~patchkit.errors.UnsupportedError` listing each backend's reason (what to change)
+    when nothing fits. Pure query: changes nothing.
+    """
+    from .errors import UnsupportedError
+
+    def reason_of(backend: AttentionBackend) -> str | None:
+        missing = sorted(needs - backend.features)
+        if missing:
+            return f"does not support {', '.join(missing)}"
+        return backend.unavailable(device, dtype, needs)
+
+    if name != "auto":
+        if name not in backends:
+            known = ", ".join(sorted(backends)) or "none registered"
+            raise UnsupportedError(f"unknown attention backend {name!r} (known: {known})")
+        reason = reason_of(backends[name])
+        if reason is not None:
+            raise UnsupportedError(f"attention backend {name!r} cannot run here: {reason}")
+        return backends[name]
+    candidates = sorted((b for b in backends.values() if b.auto), key=lambda b: (-b.priority, b.name))
+    reasons = []
+    for backend in candidates:
+        reason = reason_of(backend)
+        if reason is None:
+            return backend
+        reasons.append(f"{backend.name}: {reason}")
+    manual = sorted(b.name for b in backends.values() if not b.auto)
+    hint = f"; or pass backend={manual[0]!r} explicitly (slow, exact)" if manual else ""
+    detail = "; ".join(reasons) if reasons else "no automatic backend is registered"
+    raise UnsupportedError(
+        f"no attention backend fits tensors on {device} with dtype {dtype}"
+        + (f" needing {', '.join(sorted(needs))}" if needs else "")
+        + f" ({detail}){hint}"
+    )

@@ -141,7 +141,9 @@ class Registry:
         patchers: list[Patcher] = []
         backends: list[AttentionBackend] = []
         try:
-            self._call_hooks(name, "register_patchers", lambda obj: patchers.append(self._check_patcher(name, obj)))
+            self._call_hooks(
+                name, "register_patchers", lambda obj: patchers.append(self._check_patcher(name, obj, patchers))
+            )
             self._call_hooks(
                 name, "register_attention_backends", lambda obj: backends.append(self._check_backend(name, obj))
             )
@@ -169,7 +171,7 @@ class Registry:
         return info
 
     # -- validation at registration (strict, quoting the offending definition) -----------------
-    def _check_patcher(self, plugin: str, obj: Any) -> Patcher:
+    def _check_patcher(self, plugin: str, obj: Any, pending: list[Patcher]) -> Patcher:
         if not isinstance(obj, Patcher):
             raise PluginError(f"plugin {plugin!r} registered {obj!r}; register_patchers takes patchkit.Patcher objects")
         problems = []
@@ -185,9 +187,9 @@ class Registry:
                 problems.append(f"{hook} must be callable")
         if not obj.name or not obj.family:
             problems.append("name and family must be non-empty")
-        if obj.name in self._patchers:
-            other = self._patchers[obj.name]
-            problems.append(f"the name is already taken by a patcher of plugin {other.plugin!r}")
+        taken = {p.name: p.plugin for p in pending} | {n: p.plugin for n, p in self._patchers.items()}
+        if obj.name in taken:
+            problems.append(f"the name is already taken by a patcher of plugin {taken[obj.name] or plugin!r}")
         if problems:
             raise PluginError(f"plugin {plugin!r} registered an invalid patcher {obj!r}: " + "; ".join(problems))
         return dataclasses.replace(obj, plugin=plugin)
