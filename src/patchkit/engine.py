@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,10 +106,36 @@ def apply(
     if not stages:
         raise ValueError("nothing to apply: pass attention=..., quantize=... or patch=...")
     _check_not_applied(model, stages)
-    # Validate every stage up front, on the model as it is.
-    build_plan(model, stages, only=only, skip=skip, strict=strict, backend=backend, options=options,
-               registry=registry)
+    with _gc_paused():
+        return _apply(model, stages, backend, only, skip, strict, registry, options)
 
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    # Swapping thousands of modules allocates many small objects; cyclic GC passes over a large
+    # model's object graph made apply superlinear in depth (measured: 5x per doubling at 320 layers).
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _apply(
+    model: nn.Module,
+    stages: list[tuple[str, str]],
+    backend: str,
+    only: Any,
+    skip: Any,
+    strict: bool,
+    registry: Registry,
+    options: dict[str, Any],
+) -> PatchReport:
+    # Validate every stage up front, on the model as it is; nothing has changed if this raises.
+    upfront = build_plan(model, stages, only=only, skip=skip, strict=strict, backend=backend, options=options,
+                         registry=registry)
     holder, journal = _journal_for(model)
     first_layer = not journal.layers
     layer = journal.begin({_stage_key(k, f): f for k, f in stages})
@@ -116,9 +143,9 @@ def apply(
     skipped: list[Skipped] = []
     try:
         only_p, skip_p = compile_patterns(only), compile_patterns(skip)
-        for kind, family in stages:
-            # Re-plan on the tree as the previous stage left it (it may have replaced parents).
-            stage = plan_stage(
+        for index, (kind, family) in enumerate(stages):
+            # Later stages are re-planned on the tree as the previous stage left it.
+            stage = upfront.stages[0] if index == 0 else plan_stage(
                 model, kind, family, select_patchers(registry, kind, family), only=only_p, skip=skip_p,
                 strict=strict, backend=backend, options=options, registry=registry,
             )
@@ -183,8 +210,9 @@ def reverse(model: nn.Module) -> nn.Module:
             f"{type(model).__name__} is not patched by patchkit (no journal on it or its submodules); nothing to reverse"
         )
     holder, journal = found
-    while journal.layers:
-        journal.undo_layer()
+    with _gc_paused():
+        while journal.layers:
+            journal.undo_layer()
     _drop_journal(holder)
     return model
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import TypeVar
 
 from torch import nn
@@ -24,6 +23,6 @@ def share_as(module: nn.Module, cls: type[M]) -> M:
     for key, value in state.items():
         # nn.Module keeps its registries (parameters, buffers, modules, hooks) in private dicts/sets.
         if key.startswith("_") and isinstance(value, (dict, set)):
-            state[key] = copy.copy(value)
+            state[key] = value.copy()
     replacement.__dict__.update(state)
     return replacement
