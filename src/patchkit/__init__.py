@@ -20,7 +20,7 @@ from .errors import (
 )
 from .hookspecs import hookimpl
 from .modules import share_as
-from .patcher import Patcher, PatchContext, Requirements
+from .patcher import PatchContext, Patcher, Requirements
 from .planning import Plan
 from .registry import PluginInfo, Registry, default_registry
 

@@ -76,7 +76,7 @@ def plan(
     stages = requested_stages(attention, quantize, patch)
     _check_not_applied(model, stages)
     return build_plan(model, stages, only=only, skip=skip, strict=strict, backend=backend, options=options,
-                      registry=registry)
+                      registry=registry, dry_run=True)
 
 
 def apply(
@@ -207,7 +207,8 @@ def reverse(model: nn.Module) -> nn.Module:
     found = find_journal(model)
     if found is None or not found[1].layers:
         raise NotPatchedError(
-            f"{type(model).__name__} is not patched by patchkit (no journal on it or its submodules); nothing to reverse"
+            f"{type(model).__name__} is not patched by patchkit (no journal on it or its submodules): "
+            "nothing to reverse"
         )
     holder, journal = found
     with _gc_paused():
@@ -264,7 +265,7 @@ def _check_not_applied(model: nn.Module, stages: list[tuple[str, str]]) -> None:
     if len(set(keys)) != len(keys):
         raise ConflictError(f"each kind may be requested once per apply, got {stages}")
     current = applied(model)
-    for (kind, family), key in zip(stages, keys):
+    for (kind, family), key in zip(stages, keys, strict=False):
         if key in current:
             raise ConflictError(
                 f"{kind}={current[key]!r} is already applied to this model; call patchkit.reverse(model) before "
@@ -273,18 +274,20 @@ def _check_not_applied(model: nn.Module, stages: list[tuple[str, str]]) -> None:
 
 
 def _guard_saving(model: nn.Module, journal: Journal) -> None:
-    """Make the instance's save_pretrained / push_to_hub raise until reverse (journaled, so reverse
-    removes the instance attributes and the class methods show through again)."""
-    for name in GUARDED_METHODS:
-        if callable(getattr(type(model), name, None)):
-            journal.set_attr(model, name, _refuse(name, model))
+    """Make save_pretrained / push_to_hub raise until reverse, on the model and on every module inside
+    it that has them (the inner model of a torch.compile / DDP / PEFT wrapper, a base model). The
+    guard is a journaled instance attribute: reverse deletes it and the class method shows through."""
+    for module in {id(m): m for m in model.modules()}.values():
+        for name in GUARDED_METHODS:
+            if callable(getattr(type(module), name, None)):
+                journal.set_attr(module, name, _refuse(name, module, model))
 
 
-def _refuse(name: str, model: nn.Module) -> Any:
+def _refuse(name: str, module: nn.Module, root: nn.Module) -> Any:
     def refuse(*args: Any, **kwargs: Any) -> None:
-        kinds = ", ".join(f"{k}={v}" for k, v in applied(model).items()) or "patches"
+        kinds = ", ".join(f"{k}={v}" for k, v in applied(root).items()) or "patches"
         raise PatchedModelError(
-            f"{type(model).__name__}.{name}() refused: the model is patched by patchkit ({kinds}). "
+            f"{type(module).__name__}.{name}() refused: the model is patched by patchkit ({kinds}). "
             f"Call patchkit.reverse(model) first, then {name}() writes the original model"
         )
 

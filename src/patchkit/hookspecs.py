@@ -6,7 +6,8 @@ hooks below with the :data:`hookimpl` marker and calls ``register`` once per obj
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pluggy
 

@@ -34,7 +34,7 @@ Kind = Literal["attention", "quantize", "other"]
 KINDS: tuple[str, ...] = ("attention", "quantize", "other")
 
 Predicate = Callable[[nn.Module, str, nn.Module], bool]
-Match = Union[type, tuple[type, ...], Predicate]
+Match = Union[type, tuple[type, ...], Predicate]  # noqa: UP007 (a runtime alias; py3.10 has no | on typing aliases)
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,7 @@ class PatchContext:
         journal: Journal | None = None,
         selected: tuple[str, ...] = (),
         registry: Registry | None = None,
+        dry_run: bool = False,
     ) -> None:
         self.root = root
         self.patcher = patcher
@@ -105,6 +106,9 @@ class PatchContext:
         self.journal = journal
         self.selected = selected  # in setup(): the paths this patcher swapped in this apply
         self._registry = registry
+        # True when called from patchkit.plan() (nothing will be built): a check may accept a
+        # model on the meta device that it could not actually patch yet.
+        self.dry_run = dry_run
         self.notes: list[str] = []
 
     @property

@@ -13,7 +13,7 @@ from packaging.version import Version
 from torch import nn
 
 from .errors import ConflictError, UnsupportedError
-from .patcher import Patcher, PatchContext
+from .patcher import PatchContext, Patcher
 from .registry import Registry
 from .tree import Node, Pattern, compile_patterns, name_matches, walk
 
@@ -54,8 +54,8 @@ class Stage:
 def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     line = "  ".join("-" * w for w in widths)
-    out = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths)), line]
-    out += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+    out = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=False)), line]
+    out += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)) for row in rows]
     return "\n".join(out)
 
 
@@ -89,7 +89,9 @@ class Plan:
 
 
 def _module_device_dtype(module: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
-    device = dtype = None
+    device: torch.device | None = None
+    dtype: torch.dtype | None = None
+    tensor: torch.Tensor
     for tensor in module.parameters():
         device = device or tensor.device
         if tensor.is_floating_point():
@@ -156,6 +158,7 @@ def plan_stage(
     backend: str,
     options: Mapping[str, Any],
     registry: Registry,
+    dry_run: bool = False,
 ) -> Stage:
     """Choose a patcher for each module of ``root`` for one kind, running every check; mutate nothing."""
     stage = Stage(kind, family)
@@ -179,7 +182,7 @@ def plan_stage(
         if only and not any(name_matches(p, only) for p in node.paths):
             stage.skipped.append(Skipped(path, cls, candidates[0].name, "not selected by `only`"))
             continue
-        chosen, reasons, first_error = _choose(candidates, module, root, node, backend, options, registry)
+        chosen, reasons, first_error = _choose(candidates, module, root, node, backend, options, registry, dry_run)
         if chosen is None:
             if first_error is not None and strict:
                 raise UnsupportedError(f"cannot patch {path or '<root>'} ({cls}): {first_error}") from first_error
@@ -202,6 +205,7 @@ def _choose(
     backend: str,
     options: Mapping[str, Any],
     registry: Registry,
+    dry_run: bool,
 ) -> tuple[Patcher | None, list[str], UnsupportedError | None]:
     """The highest-priority candidate whose checks pass; a tie between two passing ones is a conflict."""
     reasons: list[str] = []
@@ -210,7 +214,8 @@ def _choose(
     for patcher in candidates:
         if chosen is not None and patcher.priority < chosen.priority:
             break
-        ctx = PatchContext(root, patcher, paths=tuple(node.paths), options=options, backend=backend, registry=registry)
+        ctx = PatchContext(root, patcher, paths=tuple(node.paths), options=options, backend=backend, registry=registry,
+                           dry_run=dry_run)
         try:
             check_requirements(patcher, module)
             reason = patcher.check(module, ctx) if patcher.check is not None else None
@@ -260,6 +265,7 @@ def build_plan(
     backend: str,
     options: Mapping[str, Any],
     registry: Registry,
+    dry_run: bool = False,
 ) -> Plan:
     """Plan every requested stage against ``root`` as it is now."""
     only_p, skip_p = compile_patterns(only), compile_patterns(skip)
@@ -268,7 +274,7 @@ def build_plan(
         patchers = select_patchers(registry, kind, family)
         stage = plan_stage(
             root, kind, family, patchers, only=only_p, skip=skip_p, strict=strict, backend=backend,
-            options=options, registry=registry,
+            options=options, registry=registry, dry_run=dry_run,
         )
         if strict and not stage.patches:
             why = "; ".join(f"{s.path}: {s.reason}" for s in stage.skipped[:3])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -197,7 +196,8 @@ class Registry:
     def _check_backend(self, plugin: str, obj: Any) -> AttentionBackend:
         if not isinstance(obj, AttentionBackend):
             raise PluginError(
-                f"plugin {plugin!r} registered {obj!r}; register_attention_backends takes patchkit.AttentionBackend objects"
+                f"plugin {plugin!r} registered {obj!r}; "
+                "register_attention_backends takes patchkit.AttentionBackend objects"
             )
         if obj.name in self._backends:
             raise PluginError(
