@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from .errors import ConflictError, NotPatchedError, PatchedModelError
+from .errors import ConflictError, NotPatchedError, PatchedModelError, UnsupportedError
 from .journal import JOURNAL_ATTR, Journal, find_journal
 from .patcher import PatchContext, Patcher
 from .planning import Plan, Skipped, Stage, _table, build_plan, plan_stage, requested_stages, select_patchers
@@ -133,6 +134,7 @@ def _apply(
     registry: Registry,
     options: dict[str, Any],
 ) -> PatchReport:
+    _check_wrappers(model)
     # Validate every stage up front, on the model as it is; nothing has changed if this raises.
     upfront = build_plan(model, stages, only=only, skip=skip, strict=strict, backend=backend, options=options,
                          registry=registry)
@@ -168,6 +170,7 @@ def _run_stage(
 ) -> list[Swap]:
     swaps: list[Swap] = []
     by_patcher: dict[str, tuple[Patcher, list[str]]] = {}
+    ddp = any(isinstance(m, DistributedDataParallel) for m in root.modules())
     for planned in stage.patches:
         patcher, node = planned.patcher_obj, planned.node
         ctx = PatchContext(root, patcher, paths=tuple(node.paths), options=options, backend=backend,
@@ -179,6 +182,12 @@ def _run_stage(
             if not isinstance(replacement, nn.Module):
                 raise TypeError(f"patcher {patcher.name!r} build() returned {replacement!r}, not an nn.Module or None")
             journal.replace(node.module, replacement, node.edges, _restorer(patcher, node.module, replacement, ctx))
+            if ddp and not _shares_parameters(node.module, replacement):
+                raise UnsupportedError(
+                    f"patcher {patcher.name!r} gives {planned.paths[0]} new parameters, but the model is already "
+                    "wrapped in DistributedDataParallel, which registered the old ones: patch the model before "
+                    "wrapping it (nothing was changed)"
+                )
             new_class = type(replacement).__name__
         swaps.append(Swap(list(node.paths), planned.module_class, new_class, patcher.name, patcher.plugin, ctx.notes))
         by_patcher.setdefault(patcher.name, (patcher, []))[1].extend(node.paths)
@@ -188,6 +197,28 @@ def _run_stage(
                                selected=tuple(paths), registry=registry)
             patcher.setup(root, ctx)
     return swaps
+
+
+def _shares_parameters(original: nn.Module, replacement: nn.Module) -> bool:
+    mine = {id(p) for p in original.parameters()}
+    return all(id(p) in mine for p in replacement.parameters())
+
+
+def _check_wrappers(model: nn.Module) -> None:
+    """FSDP flattens and shards parameters: no module swap can be exact through it."""
+    fsdp_types: tuple[type, ...] = ()
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+        fsdp_types = (FullyShardedDataParallel, FSDPModule)
+    except ImportError:  # torch built without distributed
+        pass
+    for module in model.modules():
+        if fsdp_types and isinstance(module, fsdp_types):
+            raise UnsupportedError(
+                f"{type(module).__name__} at the model's root or inside it shards parameters; patchkit cannot swap "
+                "modules through it: patch the model before wrapping it in FSDP"
+            )
 
 
 def _restorer(patcher: Patcher, original: nn.Module, replacement: nn.Module, ctx: PatchContext) -> Any:
