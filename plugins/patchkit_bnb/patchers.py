@@ -1,0 +1,83 @@
+"""The three quantizer patchers: int8 (LLM.int8), fp4 and nf4 (QLoRA's 4-bit types)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from patchkit import PatchContext, Patcher, Requirements, UnsupportedError
+
+from .options import read_options
+from .quantize import make_build
+from .reverse import restore
+from .runtime import load_bnb, unsupported_tensor
+from .selection import skip_reason
+
+_FP16_MAX = 65504.0
+_DESCRIPTIONS = {
+    "int8": "bitsandbytes Linear8bitLt (LLM.int8 with fp16 outlier decomposition, threshold 6.0)",
+    "fp4": "bitsandbytes Linear4bit, FP4 weights with double-quantized block scales",
+    "nf4": "bitsandbytes Linear4bit, NF4 (QLoRA) weights with double-quantized block scales",
+}
+
+
+def make_check(family: str) -> Callable[[nn.Module, PatchContext], str | None]:
+    """``check`` for ``family``: bitsandbytes present, options valid, weight quantizable, defaults applied."""
+
+    def check(module: nn.Module, ctx: PatchContext) -> str | None:
+        assert isinstance(module, nn.Linear)  # the match guarantees it
+        bnb = load_bnb()
+        opts = read_options(ctx)
+        reason = skip_reason(bnb, module, ctx.root, ctx.paths or ("",), defaults=opts.skip_defaults)
+        if reason is not None:
+            return reason
+        problem = unsupported_tensor(bnb, module.weight)
+        if problem is not None:
+            raise UnsupportedError(problem)
+        if family == "int8" and module.weight.detach().abs().max().item() > _FP16_MAX:
+            # LLM.int8 quantizes through float16: larger weights would become inf.
+            raise UnsupportedError("the weight exceeds the float16 range LLM.int8 quantizes through; use nf4 or fp4")
+        if "forward" in module.__dict__:
+            raise UnsupportedError(
+                "the layer's forward is overridden on the instance (accelerate device_map/offload hooks?); "
+                "quantize before dispatching the model, or load it on one device"
+            )
+        return None
+
+    return check
+
+
+def make_setup(family: str) -> Callable[[nn.Module, PatchContext], None]:
+    """``setup``: mark the model the way transformers marks a bitsandbytes model it loaded.
+
+    PEFT reads ``is_loaded_in_8bit`` / ``is_loaded_in_4bit`` to wrap these layers with its
+    bitsandbytes-aware LoRA classes (whose merge dequantizes and requantizes); without the flag
+    it would add LoRA deltas straight into the packed integer weights. Journaled: reverse removes it.
+    """
+    flag = "is_loaded_in_8bit" if family == "int8" else "is_loaded_in_4bit"
+
+    def setup(root: nn.Module, ctx: PatchContext) -> None:
+        if ctx.selected:
+            ctx.set_attr(root, flag, True)
+
+    return setup
+
+
+def make_patchers() -> list[Patcher]:
+    """The ``bnb-int8``, ``bnb-fp4`` and ``bnb-nf4`` patchers."""
+    return [
+        Patcher(
+            name=f"bnb-{family}",
+            kind="quantize",
+            family=family,
+            match=nn.Linear,  # isinstance: subclasses (FalconLinear) included
+            check=make_check(family),
+            build=make_build(family),
+            restore=restore,
+            setup=make_setup(family),
+            requires=Requirements(packages={"bitsandbytes": ">=0.45"}),
+            description=_DESCRIPTIONS[family],
+        )
+        for family in ("int8", "fp4", "nf4")
+    ]

@@ -1,0 +1,146 @@
+"""Building the bitsandbytes replacement of one linear layer (``Patcher.build``)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from patchkit import PatchContext
+
+from .dequantize import fourbit_weight, int8_weight
+from .keep import keep_in_ram, keep_on_disk
+from .options import Options, read_options
+from .record import RECORD_ATTR, QuantRecord
+from .runtime import load_bnb
+from .selection import shared_weight
+
+# Forward/backward hooks the user put on the original layer keep firing on its replacement.
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def _int8_layer(bnb: ModuleType, module: nn.Linear, weight: torch.Tensor, opts: Options) -> Any:
+    from .int8_cpu import PatchkitLinear8bitLt
+
+    cls = PatchkitLinear8bitLt if opts.int8_cpu_kernel == "dequant" else bnb.nn.Linear8bitLt
+    layer = cls(
+        module.in_features,
+        module.out_features,
+        bias=module.bias is not None,
+        has_fp16_weights=False,
+        threshold=opts.threshold,
+        device="meta",
+    )
+    cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.contiguous().to(torch.float16))
+    layer.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
+    return layer
+
+
+def _fourbit_layer(bnb: ModuleType, module: nn.Linear, weight: torch.Tensor, opts: Options, quant_type: str) -> Any:
+    layer = bnb.nn.Linear4bit(
+        module.in_features,
+        module.out_features,
+        bias=module.bias is not None,
+        compute_dtype=opts.compute_dtype or weight.dtype,
+        compress_statistics=opts.compress_statistics,
+        quant_type=quant_type,
+        quant_storage=opts.quant_storage,
+        device="meta",
+    )
+    qweight, state = bnb.functional.quantize_4bit(
+        weight.contiguous(),
+        blocksize=opts.blocksize,
+        compress_statistics=opts.compress_statistics,
+        quant_type=quant_type,
+        quant_storage=opts.quant_storage,
+    )
+    layer.weight = bnb.nn.Params4bit(
+        qweight,
+        requires_grad=False,
+        quant_state=state,
+        blocksize=opts.blocksize,
+        compress_statistics=opts.compress_statistics,
+        quant_type=quant_type,
+        quant_storage=opts.quant_storage,
+        module=layer,
+        bnb_quantized=True,
+    )
+    layer.quant_state = state
+    # bitsandbytes' AVX512-BF16 CPU kernel repacks the weight in place on the first inference
+    # forward (bf16 block scales, another layout). PEFT's merge and other readers of weight.data
+    # then see garbage, so it is opt-in (cpu_packing=True, faster CPU inference). It also needs
+    # output rows in blocks of 32 and whole absmax blocks per row, or it fails.
+    packable = module.out_features % 32 == 0 and module.in_features % opts.blocksize == 0
+    if not (opts.cpu_packing and packable):
+        layer.support_avx512bf16_for_cpu = False
+    return layer
+
+
+def make_build(family: str) -> Callable[[nn.Module, PatchContext], nn.Module]:
+    """``build`` for ``family`` ("int8", "fp4", "nf4"): quantize on the module's device, record how to undo."""
+
+    def build(module: nn.Module, ctx: PatchContext) -> nn.Module:
+        assert isinstance(module, nn.Linear)
+        bnb = load_bnb()
+        opts = read_options(ctx)
+        original = module.weight
+        weight = original.detach()
+        layer: Any
+        with torch.no_grad():
+            if family == "int8":
+                layer = _int8_layer(bnb, module, weight, opts)
+                restored = int8_weight(bnb, layer)
+                canonical = None
+            else:
+                layer = _fourbit_layer(bnb, module, weight, opts, family)
+                canonical = copy.copy(layer.weight.quant_state)
+                restored = fourbit_weight(bnb, layer, canonical)
+            # The exact error reverse will have: it dequantizes from this same state.
+            error = (restored.to(weight.dtype).float() - weight.float()).abs().max().item()
+        if module.bias is not None:
+            layer.bias = module.bias  # shared: same Parameter object, as the contract asks
+        layer.train(module.training)
+        for name in _HOOK_DICTS:
+            getattr(layer, name).update(getattr(module, name))
+        # A weight another module also uses (tied, with skip_defaults=False) must stay in place.
+        freed = not shared_weight(ctx.root, module)
+        record = QuantRecord(
+            family=family,
+            source=type(module),
+            shape=original.shape,
+            dtype=original.dtype,
+            param=layer.weight,
+            freed=freed,
+            error=error,
+            bias_dtype=None if module.bias is None else module.bias.dtype,
+            canonical=canonical,
+        )
+        if freed:
+            if opts.keep_original == "cpu":
+                record.kept = keep_in_ram(weight)
+                ctx.note(f"{family}: original kept in RAM, reverse is bit-identical (dequantized max|dW| {error:.3g})")
+            elif opts.keep_original is not None:
+                record.kept_file = keep_on_disk(weight, opts.keep_original, ctx.path)
+                ctx.note(f"{family}: original kept in {record.kept_file}, reverse is bit-identical")
+            else:
+                ctx.note(f"{family}: reverse dequantizes, max|dW| {error:.3g}")
+            # Free the full-precision copy; the Parameter object stays and is refilled on reverse.
+            original.data = torch.empty(0, dtype=original.dtype, device=original.device)
+        else:
+            ctx.note(f"{family}: weight shared with another module, kept in place (reverse is exact)")
+        layer.__dict__[RECORD_ATTR] = record
+        return layer
+
+    return build

@@ -1,0 +1,120 @@
+"""Which linear layers a quantizer takes, and why it leaves the others alone.
+
+transformers quantizes only modules whose type is exactly ``nn.Linear`` (so Falcon's
+``FalconLinear`` stays full precision) and a user skip list replaces its defaults. Here every
+``nn.Linear`` subclass is a candidate, the defaults (output embedding, tied weights,
+``_keep_in_fp32_modules``) always apply, and a user ``skip`` (handled by the engine) adds to them.
+Each default skip is a reason string, so ``patchkit.plan`` lists every linear layer.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from types import ModuleType
+
+from torch import nn
+
+
+def is_linear(module: nn.Module, path: str, root: nn.Module) -> bool:
+    """Match predicate: any ``nn.Linear``, subclasses included (checked with ``isinstance``)."""
+    return isinstance(module, nn.Linear)
+
+
+def _parent(root: nn.Module, path: str) -> nn.Module | None:
+    if not path:
+        return None
+    head = path.rpartition(".")[0]
+    try:
+        return root.get_submodule(head) if head else root
+    except AttributeError:
+        return None
+
+
+def _ancestors(root: nn.Module, path: str) -> list[nn.Module]:
+    parts = path.split(".") if path else []
+    out, node = [root], root
+    for part in parts[:-1]:
+        child = node._modules.get(part)
+        if child is None:
+            break
+        out.append(child)
+        node = child
+    return out
+
+
+def _output_embedding(root: nn.Module) -> nn.Module | None:
+    getter = getattr(root, "get_output_embeddings", None)
+    if not callable(getter):
+        return None
+    try:
+        found = getter()
+    except Exception:  # some heads raise NotImplementedError; then there is none to protect
+        return None
+    return found if isinstance(found, nn.Module) else None
+
+
+def shared_weight(root: nn.Module, module: nn.Module) -> bool:
+    """True when another module object holds ``module``'s weight Parameter (tied weights)."""
+    weight = module._parameters.get("weight")
+    if weight is None:
+        return False
+    owners = Counter(id(p) for m in root.modules() for p in m._parameters.values() if p is not None)
+    return owners[id(weight)] > 1
+
+
+def _keep_fp32(root: nn.Module, paths: tuple[str, ...]) -> str | None:
+    names: set[str] = set()
+    for m in root.modules():
+        for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
+            value = getattr(m, attr, None)
+            if isinstance(value, (list, tuple, set)):
+                names.update(str(v) for v in value)
+    for path in paths:
+        segments = path.split(".")
+        for name in names:
+            if name in segments:
+                return name
+    return None
+
+
+def _inside_adapter(ancestors: list[nn.Module]) -> bool:
+    peft: ModuleType | None = sys.modules.get("peft")
+    if peft is None:
+        return False
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except Exception:
+        return False
+    return any(isinstance(a, BaseTunerLayer) for a in ancestors)
+
+
+def skip_reason(
+    bnb: ModuleType, module: nn.Module, root: nn.Module, paths: tuple[str, ...], *, defaults: bool = True
+) -> str | None:
+    """Why ``module`` (a linear at ``paths`` under ``root``) is left alone, or ``None``.
+
+    ``defaults=False`` (option ``skip_defaults=False``) drops the output-embedding, tied-weight and
+    ``_keep_in_fp32_modules`` rules; the rules that protect correctness always apply.
+    """
+    if isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)):
+        return "already a bitsandbytes layer"
+    weight = module._parameters.get("weight")
+    if weight is None or not weight.is_floating_point():
+        return "its weight is not a floating-point parameter (already quantized?)"
+    path = paths[0] if paths else ""
+    ancestors = _ancestors(root, path)
+    if isinstance(_parent(root, path), nn.MultiheadAttention):
+        return "nn.MultiheadAttention reads this projection's weight directly, not through forward"
+    if _inside_adapter(ancestors[1:]):
+        return "part of a PEFT adapter layer; quantize the base model before adding adapters"
+    if not defaults:
+        return None
+    if module is _output_embedding(root) or any(p.rpartition(".")[2] == "lm_head" for p in paths):
+        return "output embedding (lm_head) stays full precision by default; skip_defaults=False quantizes it"
+    if shared_weight(root, module):
+        return "tied weight (shared with another module) stays full precision"
+    kept = _keep_fp32(root, paths)
+    if kept is not None:
+        return f"listed in the model's _keep_in_fp32_modules ({kept!r})"
+    return None

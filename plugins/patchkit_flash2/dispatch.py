@@ -1,0 +1,270 @@
+"""The one additive ``"patchkit"`` entry in transformers' attention and mask interfaces.
+
+Models whose config says ``_attn_implementation == "patchkit"`` call :func:`attention_forward`
+for every attention module. It runs the varlen kernel stored on *that module instance* by the
+patcher, and otherwise hands the call to the implementation the config had before patching, so
+an unpatched module (another model sharing the config, a layer left alone) behaves as before.
+
+Masks: inside a patched model's forward (marked by :data:`ACTIVE`, set by the per-instance forward
+wrapper) the mask function returns the 2D padding mask (or None), like transformers' FA2 masks;
+everywhere else it returns what the previous implementation's mask function returns.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+import sys
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from patchkit import UnsupportedError
+from patchkit.attention_backends import AttentionBackend
+
+from . import layout as L
+
+KEY = "patchkit"
+STATE_ATTR = "_patchkit_flash2"
+
+
+@dataclass
+class Flash2State:
+    """What a patched attention module carries (journaled instance attribute)."""
+
+    backend: AttentionBackend
+    alibi_slopes: torch.Tensor | None = None  # Falcon-RW, already multiplied by the softmax scale
+
+
+@dataclass
+class ActiveForward:
+    """One forward call of a patched base model: its config, 2D mask, and the layouts computed so far."""
+
+    config: Any
+    mask: torch.Tensor | None = None
+    layouts: dict[Any, tuple[Any, L.Layout | None]] = field(default_factory=dict)
+
+
+ACTIVE: contextvars.ContextVar[ActiveForward | None] = contextvars.ContextVar("patchkit_flash2_active", default=None)
+
+# id(config) -> (weakref to config, previous _attn_implementation, number of live patches)
+_PREVIOUS: dict[int, list[Any]] = {}
+
+
+def remember_previous(config: Any, previous: str) -> None:
+    """Record ``config``'s implementation before patching (kept while at least one patch is live)."""
+    entry = _PREVIOUS.get(id(config))
+    if entry is not None and entry[0]() is config:
+        entry[2] += 1
+        return
+    _PREVIOUS[id(config)] = [weakref.ref(config), previous, 1]
+
+
+def forget_previous(config: Any) -> None:
+    """Undo one :func:`remember_previous` (called on reverse)."""
+    entry = _PREVIOUS.get(id(config))
+    if entry is not None and entry[0]() is config:
+        entry[2] -= 1
+        if entry[2] <= 0:
+            del _PREVIOUS[id(config)]
+
+
+def previous_implementation(config: Any) -> str:
+    """The implementation ``config`` had before patchkit set it to ``"patchkit"`` (default ``"eager"``)."""
+    entry = _PREVIOUS.get(id(config))
+    if entry is not None and entry[0]() is config:
+        return str(entry[1])
+    return "eager"
+
+
+# -- registration -------------------------------------------------------------------------------
+def register_keys() -> None:
+    """Add ``"patchkit"`` to both interfaces once; never replaces an entry that is not ours."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    for interface, fn in ((ALL_ATTENTION_FUNCTIONS, attention_forward), (ALL_MASK_ATTENTION_FUNCTIONS, mask_function)):
+        existing = interface._global_mapping.get(KEY)
+        if existing is fn:
+            continue
+        if existing is not None:
+            raise UnsupportedError(
+                f"transformers' {type(interface).__name__} already has a {KEY!r} entry that patchkit did not add; "
+                "remove it (or rename it) before applying flash2"
+            )
+        type(interface).register(KEY, fn)
+
+
+# -- masks --------------------------------------------------------------------------------------
+def mask_function(*args: Any, **kwargs: Any) -> Any:
+    """Mask-interface entry: 2D mask inside a patched forward, the previous implementation's mask elsewhere."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    config = kwargs.get("config")
+    active = ACTIVE.get()
+    if active is not None and config is not None and active.config is config:
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            return None
+        mask = mask[:, -kwargs["kv_length"] :]
+        return None if bool(mask.all()) else mask
+    previous = previous_implementation(config)
+    fn: Any = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(previous)
+    return None if fn is None else fn(*args, **kwargs)
+
+
+# -- attention ----------------------------------------------------------------------------------
+def _eager_for(module: Any) -> Any:
+    fn: Any
+    owner = sys.modules.get(type(module).__module__)
+    fn = getattr(owner, "eager_attention_forward", None)
+    if fn is None:
+        from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+    return fn
+
+
+def _layout(
+    active: ActiveForward | None, mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, kwargs: dict[str, Any]
+) -> L.Layout | None:
+    """The packed layout of this call, cached per forward (one host sync per forward, not per layer)."""
+    batch, q_len, k_len = q.shape[0], q.shape[2], k.shape[2]
+    if kwargs.get("cu_seq_lens_q") is not None:
+        cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k", kwargs["cu_seq_lens_q"])
+        source: Any = cu_q
+        key: Any = ("cu", id(cu_q), id(cu_k))
+    elif mask is not None:
+        if mask.dim() != 2:
+            raise UnsupportedError(
+                f"flash2 got a {mask.dim()}D attention mask; it needs the 2D padding mask "
+                "(custom 4D masks are not supported: reverse the patch to use them)"
+            )
+        source, key = mask, ("mask", id(mask), q_len, k_len)
+    elif kwargs.get("position_ids") is not None and q_len == k_len:
+        source = kwargs["position_ids"]
+        key = ("pos", id(source), batch)
+    else:
+        return None
+    if active is not None and key in active.layouts and active.layouts[key][0] is source:
+        return active.layouts[key][1]
+    if key[0] == "cu":
+        layout: L.Layout | None = L.explicit(
+            cu_q,
+            cu_k,
+            kwargs.get("max_length_q") or int((cu_q[1:] - cu_q[:-1]).max()),
+            kwargs.get("max_length_k") or int((cu_k[1:] - cu_k[:-1]).max()),
+        )
+    elif key[0] == "mask":
+        if mask is not None and mask.shape[-1] != k_len:
+            raise UnsupportedError(
+                f"flash2: padding mask covers {mask.shape[-1]} keys but the cache holds {k_len} "
+                "(static or offloaded caches are not supported: use the default DynamicCache)"
+            )
+        layout = L.from_mask(source, q_len)
+    else:
+        layout = L.from_position_ids(source, batch)
+    if active is not None:
+        active.layouts[key] = (source, layout)
+    return layout
+
+
+def varlen_attention(
+    state: Flash2State,
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    scaling: float | None,
+    dropout: float,
+    causal: bool,
+    sliding_window: int | None,
+    use_alibi: bool,
+    kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """Run ``state.backend`` on ``[B, H, T, D]`` tensors; returns ``[B, T, H, D]`` (zeros on padding)."""
+    batch, heads, q_len, dim = query.shape
+    k_len = key.shape[2]
+    layout = _layout(ACTIVE.get(), mask, query, key, kwargs)
+    if layout is None:
+        layout = L.dense(batch, q_len, k_len, query.device)
+    window = (sliding_window - 1 if sliding_window else -1, 0 if causal else -1)
+    out = state.backend.varlen(
+        L.unpad(query, layout.q_index),
+        L.unpad(key, layout.k_index),
+        L.unpad(value, layout.k_index),
+        cu_seqlens_q=layout.cu_q,
+        cu_seqlens_k=layout.cu_k,
+        max_seqlen_q=layout.max_q,
+        max_seqlen_k=layout.max_k,
+        scale=scaling if scaling is not None else 1.0 / math.sqrt(dim),
+        causal=causal,
+        window=window,
+        alibi_slopes=state.alibi_slopes if use_alibi else None,
+        dropout=dropout,
+    )
+    return L.repad(out, layout.q_index, batch, q_len)
+
+
+def attention_forward(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention-interface entry: the module's own varlen kernel if patched, else its previous implementation."""
+    state = module.__dict__.get(STATE_ATTR)
+    if state is None:
+        return _fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if kwargs.get("output_attentions"):
+        raise UnsupportedError(
+            "flash2 attention computes no attention weights: reverse the patch for output_attentions"
+        )
+    causal = kwargs.pop("is_causal", None)
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    out = varlen_attention(
+        state,
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        scaling=scaling,
+        dropout=dropout,
+        causal=bool(causal),
+        sliding_window=kwargs.get("sliding_window"),
+        use_alibi=False,
+        kwargs=kwargs,
+    )
+    return out, None
+
+
+def _fallback(
+    module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, **kwargs: Any
+) -> Any:
+    """An unpatched module: run the implementation its config had before patching.
+
+    Inside a patched forward the host built a 2D / packed mask for the patched layers; rebuild the
+    equivalent dense boolean mask so the previous implementation sees what it expects.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    previous = previous_implementation(module.config)
+    fn = ALL_ATTENTION_FUNCTIONS.get_interface(previous, _eager_for(module))
+    active = ACTIVE.get()
+    if active is not None and (mask is None or mask.dim() == 2):
+        batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
+        layout = _layout(active, mask, query, key, kwargs) or L.dense(batch, q_len, k_len, query.device)
+        sliding = kwargs.get("sliding_window")
+        ok = L.dense_mask(layout, batch, q_len, k_len, window_left=sliding - 1 if sliding else -1)
+        min_value = torch.finfo(query.dtype).min
+        mask = torch.zeros(ok.shape, dtype=query.dtype, device=query.device).masked_fill(~ok, min_value)
+        kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("cu_seq_lens", "max_length"))}
+        kwargs["is_causal"] = False
+    return fn(module, query, key, value, mask, **kwargs)

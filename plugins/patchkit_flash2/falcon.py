@@ -1,0 +1,173 @@
+"""The flash2 patcher for Falcon.
+
+``FalconDecoderLayer`` picks its attention class at ``__init__`` and Falcon's attention has no
+dispatch point, so each ``FalconAttention`` is replaced by an instance of a subclass of its own
+class that shares every parameter (``patchkit.share_as``); the subclass's ``forward`` reuses the
+module's own ``_split_heads``, rotary function, cache update and ``dense`` projection, and runs the
+varlen kernel. The 2D padding mask comes from the ``FalconModel`` forward wrapper; the host still
+builds its 4D mask (unused). ALiBi (falcon-rw) needs a kernel with the ``alibi`` feature.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from patchkit import Patcher, UnsupportedError, share_as
+
+from . import dispatch, padfree
+from .common import check_output_attentions, pick_backend, require_base
+
+
+@functools.cache
+def classes() -> tuple[type, type]:
+    """``(FalconAttention, FalconModel)``, imported on first use."""
+    from transformers.models.falcon.modeling_falcon import FalconAttention, FalconModel
+
+    return FalconAttention, FalconModel
+
+
+def match(module: nn.Module, path: str, root: nn.Module) -> bool:
+    """Falcon attention modules (any subclass), not already ours."""
+    if "transformers" not in sys.modules:
+        return False
+    return isinstance(module, classes()[0]) and not isinstance(module, Flash2Mixin)
+
+
+class Flash2Mixin:
+    """Marker for Falcon attention replaced by flash2."""
+
+
+@functools.cache
+def flash2_class(original: Any) -> Any:
+    """The subclass of ``original`` whose forward runs the varlen kernel (one per original class)."""
+    return type(f"Flash2{original.__name__}", (Flash2Mixin, original), {"forward": _forward, "__module__": __name__})
+
+
+def alibi_slopes(module: Any) -> torch.Tensor:
+    """Per-head ALiBi slopes in the kernels' convention, from transformers' own ``build_alibi_tensor``.
+
+    Falcon adds ``slope * key_position`` to ``q.k`` before scaling by ``inv_norm_factor``; softmax is
+    invariant to per-query constants, so this equals ``-(slope * inv_norm_factor) * (q_pos - k_pos)``.
+    """
+    from transformers.models.falcon.modeling_falcon import build_alibi_tensor
+
+    alibi = build_alibi_tensor(torch.ones(1, 2, dtype=torch.long), module.num_heads, torch.float32)
+    return alibi.view(module.num_heads, 2)[:, 1] * module.inv_norm_factor
+
+
+def _forward(
+    self: Any,
+    hidden_states: torch.Tensor,
+    alibi: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    layer_past: Any = None,
+    use_cache: bool = False,
+    output_attentions: bool = False,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    if output_attentions:
+        raise UnsupportedError(
+            "flash2 attention computes no attention weights: reverse the patch for output_attentions"
+        )
+    state = self.__dict__[dispatch.STATE_ATTR]
+    active = dispatch.ACTIVE.get()
+    if active is None:
+        raise UnsupportedError("flash2 Falcon attention must be called through its patched FalconModel")
+    cache = layer_past
+    for name in padfree.CACHE_NAMES:
+        cache = kwargs.get(name) if cache is None else cache
+    from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb
+
+    query, key, value = self._split_heads(self.query_key_value(hidden_states))  # [B, T, heads, D]
+    batch, q_len = query.shape[:2]
+    query, key, value = (x.transpose(1, 2) for x in (query, key, value))  # [B, heads, T, D]
+    if alibi is None:
+        cos, sin = position_embeddings  # type: ignore[misc]
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    if cache is not None:
+        key, value = cache.update(key, value, self.layer_idx)
+    dropout = self.attention_dropout.p if (self.training and alibi is not None) else 0.0  # as the host
+    out = dispatch.varlen_attention(
+        state,
+        self,
+        query,
+        key,
+        value,
+        active.mask,
+        scaling=self.inv_norm_factor,
+        dropout=dropout,
+        causal=self.is_causal,
+        sliding_window=None,
+        use_alibi=alibi is not None,
+        kwargs={"position_ids": position_ids} if active.mask is None and cache is None else {},
+    )
+    out = self.dense(out.reshape(batch, q_len, self.num_heads * self.head_dim))
+    return out, None
+
+
+def _needs(module: Any) -> set[str]:
+    needs = {"alibi"} if module.config.alibi else set()
+    if module.training and module.config.alibi and module.attention_dropout.p:
+        needs.add("dropout")
+    return needs
+
+
+def check(module: Any, ctx: Any) -> str | None:
+    """Refuse (UnsupportedError) when no kernel fits (e.g. ALiBi on the torch kernel)."""
+    require_base(ctx.root, module, (classes()[1],))
+    check_output_attentions(module.config)
+    try:
+        pick_backend(module, ctx, _needs(module))
+    except UnsupportedError as exc:
+        if module.config.alibi:
+            raise UnsupportedError(
+                f"{exc}. This Falcon model uses ALiBi (falcon-rw style), which needs a kernel with ALiBi slopes: "
+                "backend='flash_attn' (pip install 'patchkit[flash]') or backend='reference'"
+            ) from exc
+        raise
+    return None
+
+
+def build(module: Any, ctx: Any) -> nn.Module:
+    """A parameter-sharing instance of the flash2 subclass of ``type(module)``."""
+    state = dispatch.Flash2State(
+        backend=pick_backend(module, ctx, _needs(module)),
+        alibi_slopes=alibi_slopes(module) if module.config.alibi else None,
+    )
+    cls: Any = type(module)
+    new = share_as(module, flash2_class(cls))
+    new.__dict__[dispatch.STATE_ATTR] = state
+    return new
+
+
+def setup(root: nn.Module, ctx: Any) -> None:
+    """Wrap each FalconModel holding replaced attention (journaled instance ``forward``)."""
+    base_class = classes()[1]
+    for base in root.modules():
+        if isinstance(base, base_class) and any(isinstance(m, Flash2Mixin) for m in base.modules()):
+            # FalconModel passes no per-call kwargs to its layers: no padding-free execution
+            wrapper = padfree.make_forward(base, base.forward, padding_free=False, pass_kwargs=False)
+            ctx.set_attr(base, "forward", wrapper)
+            ctx.note("FalconModel: attention replaced by flash2 subclasses (padding-free not available for Falcon)")
+
+
+def patcher() -> Patcher:
+    """The registered patcher."""
+    return Patcher(
+        name="flash2-falcon",
+        kind="attention",
+        family="flash2",
+        match=match,
+        check=check,
+        build=build,
+        setup=setup,
+        priority=20,
+        description="FlashAttention-2 varlen kernels for Falcon (all fused-qkv layouts, rotary and ALiBi)",
+    )

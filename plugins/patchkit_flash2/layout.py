@@ -1,0 +1,126 @@
+"""Where the valid tokens are: turn a padding mask, restarting position ids or explicit
+``cu_seq_lens`` into the packed layout a varlen kernel takes, and back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Packed layout of a ``[batch, q_len]`` query / ``[batch, k_len]`` key block.
+
+    ``q_index`` / ``k_index``: flat indices (into ``batch * len``) of the tokens kept, ``None``
+    when every token is kept (already packed, or no padding).
+    """
+
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    q_index: torch.Tensor | None = None
+    k_index: torch.Tensor | None = None
+
+
+def _cu(lengths: torch.Tensor) -> torch.Tensor:
+    return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def from_mask(mask: torch.Tensor, q_len: int) -> Layout:
+    """Layout of a 2D padding mask ``[batch, k_len]`` (True/1 = token); queries are its last ``q_len``
+    columns (a decode step against a longer cache: assumes left padding, as generate does)."""
+    mask = mask.bool()
+    q_mask = mask[:, -q_len:]
+    k_len_each = mask.sum(-1, dtype=torch.int32)
+    q_len_each = q_mask.sum(-1, dtype=torch.int32)
+    max_q, max_k = torch.stack([q_len_each.max(), k_len_each.max()]).tolist()  # one host sync
+    return Layout(
+        cu_q=_cu(q_len_each),
+        cu_k=_cu(k_len_each),
+        max_q=int(max_q),
+        max_k=int(max_k),
+        q_index=q_mask.flatten().nonzero().squeeze(1),
+        k_index=mask.flatten().nonzero().squeeze(1),
+    )
+
+
+def packed_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[batch, len]``: True where a sequence starts (first token of a row, or a position that
+    does not follow its left neighbour by 1; the same rule as transformers' packed-sequence masks)."""
+    first = position_ids[:, :1] - 1
+    return torch.diff(position_ids, prepend=first, dim=-1) != 1
+
+
+def from_position_ids(position_ids: torch.Tensor, batch: int) -> Layout | None:
+    """Layout of sequences packed in rows and marked by restarting ``position_ids``; None when no row
+    holds more than one sequence (then plain dense attention is exact)."""
+    pos = position_ids.expand(batch, -1)
+    starts = packed_starts(pos)
+    starts[:, 0] = False
+    if not bool(starts.any()):
+        return None
+    starts[:, 0] = True
+    begin = starts.flatten().nonzero().squeeze(1)
+    total = pos.numel()
+    lengths = torch.diff(begin, append=begin.new_tensor([total])).to(torch.int32)
+    cu = _cu(lengths)
+    max_len = int(lengths.max())
+    return Layout(cu_q=cu, cu_k=cu, max_q=max_len, max_k=max_len)
+
+
+def dense(batch: int, q_len: int, k_len: int, device: torch.device) -> Layout:
+    """Layout of ``batch`` full rows (no padding, no packing)."""
+    rows = torch.arange(batch + 1, device=device, dtype=torch.int32)
+    return Layout(cu_q=rows * q_len, cu_k=rows * k_len, max_q=q_len, max_k=k_len)
+
+
+def explicit(cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int | torch.Tensor, max_k: int | torch.Tensor) -> Layout:
+    """Layout given by the caller through ``cu_seq_lens_q/k`` and ``max_length_q/k`` kwargs."""
+    return Layout(cu_q=cu_q.to(torch.int32), cu_k=cu_k.to(torch.int32), max_q=int(max_q), max_k=int(max_k))
+
+
+def unpad(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """``[batch, heads, len, dim]`` -> packed ``[tokens, heads, dim]``."""
+    b, h, n, d = x.shape
+    flat = x.transpose(1, 2).reshape(b * n, h, d)
+    return flat if index is None else flat.index_select(0, index)
+
+
+def repad(out: torch.Tensor, index: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
+    """Packed ``[tokens, heads, dim]`` -> ``[batch, length, heads, dim]`` with zeros on padding."""
+    if index is not None:
+        full = out.new_zeros(batch * length, *out.shape[1:])
+        out = full.index_copy(0, index, out)
+    return out.reshape(batch, length, *out.shape[1:])
+
+
+def dense_mask(layout: Layout, batch: int, q_len: int, k_len: int, window_left: int = -1) -> torch.Tensor:
+    """Boolean ``[batch, 1, q_len, k_len]`` mask (True = attend) equivalent to ``layout`` with
+    bottom-right causal alignment; lets a non-varlen implementation run a varlen-shaped call."""
+    device = layout.cu_q.device
+
+    def seq_and_rel(cu: torch.Tensor, index: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        total = int(cu[-1])
+        token = torch.arange(total, device=device)
+        seq = torch.searchsorted(cu[1:].long(), token, right=True)
+        rel = token - cu[:-1].long()[seq]
+        seq_full = torch.full((batch * length,), -1, device=device, dtype=torch.long)
+        rel_full = torch.zeros(batch * length, device=device, dtype=torch.long)
+        where = token if index is None else index
+        seq_full[where], rel_full[where] = seq, rel
+        return seq_full.view(batch, length), rel_full.view(batch, length)
+
+    sq, rq = seq_and_rel(layout.cu_q, layout.q_index, q_len)
+    sk, rk = seq_and_rel(layout.cu_k, layout.k_index, k_len)
+    lq = (layout.cu_q[1:] - layout.cu_q[:-1]).long()
+    lk = (layout.cu_k[1:] - layout.cu_k[:-1]).long()
+    rq = rq + (lk - lq)[sq.clamp(min=0)]  # bottom-right: query sits at key position rel + nk - nq
+    ok = (sq.unsqueeze(-1) == sk.unsqueeze(-2)) & (sq.unsqueeze(-1) >= 0)
+    ok &= rk.unsqueeze(-2) <= rq.unsqueeze(-1)
+    if window_left >= 0:
+        ok &= rk.unsqueeze(-2) >= rq.unsqueeze(-1) - window_left
+    return ok.unsqueeze(1)

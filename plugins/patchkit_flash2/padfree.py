@@ -1,0 +1,115 @@
+"""Per-instance forward wrapper of a base model (``LlamaModel``, ``MistralModel``, ``FalconModel``).
+
+It marks the call as a patched forward (:data:`dispatch.ACTIVE`), refuses ``output_attentions``
+and, where exact, runs padding-free: the valid tokens of the 2D padding mask are packed into one
+row once at the entry, every layer runs on packed tokens (varlen attention through the
+``cu_seq_lens_*`` kwargs the host passes down to attention), and the last hidden state is
+re-padded once at the end (zeros on padding positions).
+
+Padding-free is used only when it is exact and the host can carry it: a 2D mask with padding, no
+KV cache (``use_cache`` resolving to False and no cache passed), no ``output_hidden_states``, no
+caller-supplied ``cu_seq_lens_*``, and a model that forwards per-call kwargs to its attention.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from patchkit import UnsupportedError
+
+from . import dispatch
+
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+def _bind(signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Positional and keyword arguments as one keyword dict (var-keyword flattened)."""
+    bound = signature.bind_partial(*args, **kwargs)
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return out
+
+
+def _wants(config: Any, kw: dict[str, Any], name: str) -> bool:
+    value = kw.get(name)
+    return bool(getattr(config, name, False) if value is None else value)
+
+
+def make_forward(base: torch.nn.Module, original: Callable[..., Any], padding_free: bool, pass_kwargs: bool) -> Any:
+    """The wrapper installed as ``base.forward`` (journaled instance attribute)."""
+    signature = inspect.signature(original)
+    config = base.config
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        kw = _bind(signature, args, kwargs)
+        if _wants(config, kw, "output_attentions"):
+            raise UnsupportedError(
+                "flash2 attention computes no attention weights; output_attentions=True needs the original "
+                "attention: patchkit.reverse(model) first"
+            )
+        mask = kw.get("attention_mask")
+        state = dispatch.ActiveForward(config=config, mask=mask if mask is not None and mask.dim() == 2 else None)
+        token = dispatch.ACTIVE.set(state)
+        try:
+            if padding_free and pass_kwargs and _padding_free_ok(config, kw):
+                return _packed_call(original, kw)
+            return original(**kw)
+        finally:
+            dispatch.ACTIVE.reset(token)
+
+    forward.__wrapped__ = original  # type: ignore[attr-defined]
+    forward.__signature__ = signature  # type: ignore[attr-defined]
+    return forward
+
+
+def _padding_free_ok(config: Any, kw: dict[str, Any]) -> bool:
+    mask = kw.get("attention_mask")
+    if mask is None or mask.dim() != 2 or any(kw.get(name) is not None for name in CACHE_NAMES):
+        return False
+    use_cache = kw.get("use_cache")
+    if (getattr(config, "use_cache", False) if use_cache is None else use_cache) or _wants(
+        config, kw, "output_hidden_states"
+    ):
+        return False
+    if kw.get("cu_seq_lens_q") is not None or kw.get("return_dict") is False:
+        return False
+    tokens = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+    if tokens is None or tokens.shape[1] != mask.shape[1]:
+        return False
+    return not bool(mask.bool().all())
+
+
+def _packed_call(original: Callable[..., Any], kw: dict[str, Any]) -> Any:
+    mask = kw.pop("attention_mask").bool()
+    batch, length = mask.shape
+    index = mask.flatten().nonzero().squeeze(1)
+    lengths = mask.sum(-1, dtype=torch.int32)
+    cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    max_len = int(lengths.max())
+    position_ids = kw.get("position_ids")
+    if position_ids is None:  # what the host uses without a cache: 0..T-1 in every row
+        position_ids = torch.arange(length, device=mask.device).unsqueeze(0)
+    kw["position_ids"] = position_ids.expand(batch, length).reshape(-1)[index].unsqueeze(0)
+    if kw.get("input_ids") is not None:
+        kw["input_ids"] = kw["input_ids"].reshape(-1)[index].unsqueeze(0)
+    else:
+        embeds = kw["inputs_embeds"]
+        kw["inputs_embeds"] = embeds.reshape(batch * length, -1).index_select(0, index).unsqueeze(0)
+    kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len, use_cache=False)
+    out = original(**kw)
+    packed = out[0]
+    full = packed.new_zeros(batch * length, packed.shape[-1]).index_copy(0, index, packed[0])
+    full = full.view(batch, length, -1)
+    if isinstance(out, tuple):
+        return (full, *out[1:])
+    out["last_hidden_state"] = full
+    return out

@@ -1,0 +1,46 @@
+"""SDPA fastpath patchers for BERT-structured encoders and OPT decoders (first-party plugin).
+
+``patchkit.apply(model, attention="sdpa")``: padding-free BERT/RoBERTa/XLM-R encoders (packed
+tokens, per-sequence SDPA, exact on valid tokens) and OPT decoders (padding-free forward without
+a cache; SDPA with the KV cache for generation). Importing this package is cheap: transformers is
+imported only when a patcher's check or build runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from patchkit import Patcher, hookimpl
+
+PATCHKIT_API = ">=1,<2"
+REQUIRES = {"transformers": ">=5.0"}
+
+
+@hookimpl
+def register_patchers(register: Callable[[Any], None]) -> None:
+    """Register the BERT encoder and OPT decoder patchers (family ``"sdpa"``, kind ``"attention"``)."""
+    from . import bert, opt
+
+    register(
+        Patcher(
+            name="sdpa-bert-encoder",
+            kind="attention",
+            family="sdpa",
+            match=bert.looks_like_bert_encoder,
+            check=bert.check,
+            build=bert.build,
+            description="BERT-structured encoder, padding-free (packed tokens, per-sequence SDPA)",
+        )
+    )
+    register(
+        Patcher(
+            name="sdpa-opt-decoder",
+            kind="attention",
+            family="sdpa",
+            match=opt.looks_like_opt_decoder,
+            check=opt.check,
+            build=opt.build,
+            description="OPT decoder: padding-free forward without cache, SDPA with the KV cache",
+        )
+    )

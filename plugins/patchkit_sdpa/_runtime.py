@@ -1,0 +1,31 @@
+"""Call-time questions the packed paths ask before running: is output capture on, are there
+arguments they do not understand?"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+
+def capture_requested() -> bool:
+    """True while transformers collects attentions / hidden states through its capture hooks,
+    which sit on modules the packed path does not call."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # older/newer transformers: the explicit kwargs are still checked
+        return False
+    collected = _active_collector.get()
+    return bool(collected)
+
+
+def unexpected_kwargs(kwargs: Mapping[str, Any], ignorable: Iterable[str]) -> list[str]:
+    """Names of kwargs with a truthy value that the packed path would otherwise drop silently."""
+    allowed = set(ignorable)
+    out = []
+    for key, value in kwargs.items():
+        if value is None or value is False:
+            continue
+        if key in allowed and key not in ("output_attentions", "output_hidden_states", "use_cache"):
+            continue
+        out.append(key)
+    return out

@@ -1,0 +1,53 @@
+"""Verify a module's code by its structure, not its name.
+
+Model families copied from BERT by transformers' modular tooling (RoBERTa, XLM-R, ...) have
+classes with different names but byte-identical forward code. Comparing compiled code objects
+with the reference class proves the packed path computes what the module computes; a class whose
+code differs in any way (a different residual order, relative positions) is refused.
+"""
+
+from __future__ import annotations
+
+from types import CodeType
+from typing import Any
+
+
+def _unwrap(fn: Any) -> Any:
+    while hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    return fn
+
+
+def _code_key(code: CodeType) -> tuple[Any, ...]:
+    consts = tuple(_code_key(c) if isinstance(c, CodeType) else (type(c).__name__, repr(c)) for c in code.co_consts)
+    return (code.co_code, code.co_names, code.co_varnames, code.co_argcount, code.co_kwonlyargcount, consts)
+
+
+def same_code(fn: Any, reference: Any) -> bool:
+    """True when ``fn`` and ``reference`` (functions, possibly decorated) compile to the same code."""
+    a, b = _unwrap(fn), _unwrap(reference)
+    if a is b:
+        return True
+    ca, cb = getattr(a, "__code__", None), getattr(b, "__code__", None)
+    return ca is not None and cb is not None and _code_key(ca) == _code_key(cb)
+
+
+def method_differs(module: Any, reference_cls: type, name: str = "forward") -> str | None:
+    """``None`` when ``type(module).<name>`` has the reference's code and no instance override, else why not."""
+    if name in getattr(module, "__dict__", {}):
+        return f"{type(module).__name__}.{name} is overridden on the instance"
+    if not same_code(getattr(type(module), name, None), getattr(reference_cls, name)):
+        return f"{type(module).__name__}.{name} differs from {reference_cls.__name__}.{name}"
+    return None
+
+
+def foreign_hooks(module: Any) -> list[str]:
+    """Names of forward/backward hooks on ``module`` other than transformers' inert output-capturing ones."""
+    found = []
+    for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+        hooks = getattr(module, attr, None) or {}
+        for hook in hooks.values():
+            name = getattr(hook, "__name__", type(hook).__name__)
+            if name != "output_capturing_hook":
+                found.append(name)
+    return found

@@ -1,0 +1,219 @@
+"""BERT-structured encoders, padding-free: unpad after the embeddings, packed layers, re-pad once.
+
+The user's ``BertEncoder`` (or a RoBERTa/XLM-R/... encoder whose code is verified identical) is
+replaced by an instance of a subclass that shares every submodule and parameter. Its forward
+reads the padding from the mask the host built, packs the valid tokens once, runs every layer on
+``[N, hidden]`` through the layer's *own* Linear/LayerNorm/activation/dropout modules with
+per-sequence attention, and re-pads once (zeros at padded positions). Anything the packed path
+cannot reproduce exactly at call time (a non-padding mask, requested attentions or hidden states,
+a KV cache, cross-attention inputs, unknown kwargs) runs the original forward with a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from patchkit import PatchContext, UnsupportedError, share_as
+
+from ._masks import key_padding
+from ._packing import Packing, make_packing, pack, unpack, varlen_sdpa
+from ._runtime import capture_requested, unexpected_kwargs
+from ._verify import foreign_hooks, method_differs
+
+# kwargs the host passes to the encoder that the packed path may ignore when they are falsy/None.
+_IGNORABLE = {"position_ids", "output_attentions", "output_hidden_states", "return_dict", "use_cache"}
+
+
+def looks_like_bert_encoder(module: nn.Module, path: str = "", root: nn.Module | None = None) -> bool:
+    """Cheap structural match: a ``layer`` ModuleList of BERT-shaped layers (verified in :func:`check`)."""
+    layers = getattr(module, "layer", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        return False
+    first = layers[0]
+    att = getattr(first, "attention", None)
+    return (
+        att is not None
+        and all(hasattr(getattr(att, "self", None), n) for n in ("query", "key", "value"))
+        and hasattr(getattr(att, "output", None), "dense")
+        and hasattr(getattr(first, "intermediate", None), "dense")
+        and hasattr(getattr(first, "output", None), "LayerNorm")
+    )
+
+
+def _reference() -> dict[str, type]:
+    from transformers.models.bert import modeling_bert as mb
+
+    return {
+        "encoder": mb.BertEncoder,
+        "layer": mb.BertLayer,
+        "attention": mb.BertAttention,
+        "self": mb.BertSelfAttention,
+        "self_output": mb.BertSelfOutput,
+        "intermediate": mb.BertIntermediate,
+        "output": mb.BertOutput,
+    }
+
+
+def _layer_problems(layer: Any, ref: dict[str, type]) -> list[str]:
+    att = layer.attention
+    parts = {
+        "layer": layer,
+        "attention": att,
+        "self": att.self,
+        "self_output": att.output,
+        "intermediate": layer.intermediate,
+        "output": layer.output,
+    }
+    problems = [p for key, mod in parts.items() if (p := method_differs(mod, ref[key]))]
+    if (p := method_differs(layer, ref["layer"], "feed_forward_chunk")) is not None:
+        problems.append(p)
+    if getattr(layer, "is_decoder", False) or getattr(att.self, "is_causal", False):
+        problems.append("decoder (causal) self-attention")
+    if hasattr(layer, "crossattention") or getattr(att, "is_cross_attention", False):
+        problems.append("cross-attention")
+    for name, mod in parts.items():
+        if hooks := foreign_hooks(mod):
+            problems.append(f"hooks {hooks} on the {name} module (the packed path would skip them)")
+    return problems
+
+
+def check(module: Any, ctx: PatchContext) -> str | None:
+    """Leave alone (str) what is not BERT-structured; raise UnsupportedError for BERT setups it cannot do exactly."""
+    try:
+        ref = _reference()
+    except ImportError:
+        return "transformers' BERT reference classes are not importable"
+    if (p := method_differs(module, ref["encoder"])) is not None:
+        return f"not a BERT-structured encoder: {p}"
+    config = getattr(module, "config", None)
+    pos_type = getattr(config, "position_embedding_type", "absolute")
+    if pos_type not in (None, "absolute"):
+        raise UnsupportedError(
+            f"position_embedding_type={pos_type!r}: relative position scores are not supported by the packed "
+            "SDPA path; leave this model unpatched (strict=False) or use absolute positions"
+        )
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise UnsupportedError(
+            "BERT used as a decoder / with cross-attention is not supported by the padding-free encoder path; "
+            "leave it unpatched (strict=False)"
+        )
+    if getattr(config, "output_attentions", False) or getattr(config, "output_hidden_states", False):
+        raise UnsupportedError(
+            "config.output_attentions / output_hidden_states is set: every call would need the original path; "
+            "unset it (pass output_*=True per call instead) or leave the model unpatched"
+        )
+    for i, layer in enumerate(module.layer):
+        if not hasattr(layer, "attention"):
+            return f"layer {i} is not BERT-structured"
+        if problems := _layer_problems(layer, ref):
+            if any("differs" in p or "overridden" in p for p in problems):
+                return f"layer {i} is not verifiably BERT: {'; '.join(problems)}"
+            raise UnsupportedError(f"layer {i}: {'; '.join(problems)}; leave it unpatched (strict=False)")
+    if foreign_hooks(module.layer):
+        raise UnsupportedError("hooks on the encoder's layer list; leave it unpatched (strict=False)")
+    return None
+
+
+def _layer_packed(layer: Any, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """One BERT layer on packed tokens ``[N, hidden]``, through the layer's own submodules."""
+    att = layer.attention
+    sa, so = att.self, att.output
+    q, k, v = sa.query(x), sa.key(x), sa.value(x)
+    dropout_p = sa.dropout.p if sa.training else 0.0
+    a = varlen_sdpa(
+        q,
+        k,
+        v,
+        packing,
+        sa.num_attention_heads,
+        sa.attention_head_size,
+        scale=sa.scaling,
+        causal=False,
+        dropout_p=dropout_p,
+    )
+    h = so.LayerNorm(so.dropout(so.dense(a)) + x)
+    inter, out = layer.intermediate, layer.output
+    return out.LayerNorm(out.dropout(out.dense(inter.intermediate_act_fn(inter.dense(h)))) + h)
+
+
+def encode_packed(encoder: Any, hidden_states: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """Run every layer of ``encoder`` on the valid tokens of ``hidden_states`` ``[B, T, C]``.
+
+    Returns ``[B, T, C]`` with zeros at padded positions. Gradient checkpointing set on a layer
+    (``model.gradient_checkpointing_enable()``) is honoured per layer while training.
+    """
+    b, t, _ = hidden_states.shape
+    packing = make_packing(keep, b, t, hidden_states.device)
+    x = pack(hidden_states, packing)
+    for layer in encoder.layer:
+        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+            x = checkpoint(_layer_packed, layer, x, packing, use_reentrant=False)
+        else:
+            x = _layer_packed(layer, x, packing)
+    return unpack(x, packing)
+
+
+class PackedEncoderMixin:
+    """Mixed in front of the user's encoder class: padding-free forward, original forward as fallback."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: Any = None,
+        encoder_hidden_states: Any = None,
+        encoder_attention_mask: Any = None,
+        cache: Any = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        why = None
+        if encoder_hidden_states is not None or encoder_attention_mask is not None:
+            why = "cross-attention inputs were passed"
+        elif cache is not None or use_cache or kwargs.get("past_key_values") is not None:
+            why = "a KV cache was requested"
+        elif capture_requested() or kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            why = "attentions / hidden states were requested"
+        elif extra := unexpected_kwargs(kwargs, _IGNORABLE):
+            why = f"unsupported arguments {extra}"
+        keep = None
+        if why is None:
+            keep, why = key_padding(attention_mask, hidden_states.shape[0], hidden_states.shape[1])
+        if why is not None:
+            warnings.warn(
+                f"patchkit sdpa: {why}; running the original {type(self).__mro__[2].__name__} forward for this call",
+                stacklevel=2,
+            )
+            return super().forward(  # type: ignore[misc]
+                hidden_states,
+                attention_mask=attention_mask,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask,
+                cache=cache,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+
+        out = encode_packed(self, hidden_states, keep)
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out, cache=None)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def packed_class(cls: type) -> type:
+    """The (cached) subclass ``Sdpa<cls>`` of the user's encoder class with the packed forward."""
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Sdpa{cls.__name__}", (PackedEncoderMixin, cls), {"__module__": __name__})
+    return _CLASSES[cls]
+
+
+def build(module: nn.Module, ctx: PatchContext) -> nn.Module:
+    """A ``Sdpa<Encoder>`` sharing every submodule and parameter of ``module`` (no copies)."""
+    ctx.note("padding-free encoder: packed tokens, per-sequence SDPA; padded outputs are zeros")
+    return share_as(module, packed_class(type(module)))

@@ -1,0 +1,22 @@
+"""The sdpa benchmark's GPU entry point dry-runs on the CPU (small=True) and returns JSON-able results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_sdpa.py"
+
+
+def test_gpu_checks_dry_run_on_cpu() -> None:
+    spec = importlib.util.spec_from_file_location("bench_sdpa", BENCH)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.gpu_checks(small=True)
+    json.dumps(result)
+    assert result["card"] == "cpu" and len(result["results"]) == 5
+    for case in result["results"]:
+        assert case["max_abs_diff_valid"] < 1e-5, case  # the benchmark also checks exactness
+        assert case["hf_sdpa_s"] > 0 and case["patchkit_s"] > 0
