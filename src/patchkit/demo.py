@@ -7,11 +7,10 @@ of all-MiniLM-L6-v2, a sentence-embedding encoder, run on a padded batch as a se
 from __future__ import annotations
 
 import io
-import multiprocessing
-import resource
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,21 +48,22 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times) * 1000
 
 
-def _peak_rss_growth_mib(fn: Callable[[], Any]) -> float:
-    """Peak resident-memory growth of one call, measured in a forked child so runs don't mix."""
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
 
-    def child() -> None:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def _peak_rss_growth_mib(fn: Callable[[], Any]) -> float | None:
+    """Peak resident-memory growth during one call (Linux: reset VmHWM, run, read it); None elsewhere."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # "5" resets the peak RSS counter
+        base = _status_kib("VmRSS")
         fn()
-        queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
-
-    proc = ctx.Process(target=child)
-    proc.start()
-    value = float(queue.get(timeout=600))
-    proc.join()
-    return value
+        return (_status_kib("VmHWM") - base) / 1024
+    except (OSError, KeyError):
+        return None
 
 
 def run_demo(quick: bool = False) -> int:
@@ -112,9 +112,10 @@ def run_demo(quick: bool = False) -> int:
         original_ms.append(_median_ms(forward, 1))
         patchkit.apply(model, attention="sdpa")
     p_ms, o_ms = statistics.median(patched_ms), statistics.median(original_ms)
-    print(f"speed: original {o_ms:.1f} ms, patched {p_ms:.1f} ms per forward -> {o_ms / p_ms:.2f}x faster "
+    print(f"speed: original {o_ms:.1f} ms, patched {p_ms:.1f} ms per forward -> speed-up {o_ms / p_ms:.2f}x "
           f"(median of {repeats} alternating runs, {torch.get_num_threads()} threads)")
-    print(f"peak memory growth during a forward: original {o_mem:.0f} MiB, patched {p_mem:.0f} MiB")
+    if o_mem is not None and p_mem is not None:
+        print(f"peak memory growth during a forward: original {o_mem:.0f} MiB, patched {p_mem:.0f} MiB")
     patchkit.reverse(model)
     exact = _fingerprint(model) == before and not patchkit.is_patched(model)
     print(f"reverse restored the original exactly (same module and parameter objects, same bytes): "
