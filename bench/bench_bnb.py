@@ -278,13 +278,76 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def gpu_checks(small: bool) -> dict[str, Any]:
-    """The same measurements on CUDA with fp16 models (fp32 reference); small=True: quick CPU dry run."""
+def llama_speed(device: str, dtype: torch.dtype, small: bool, rounds: int = 5) -> dict[str, Any]:
+    """Random-init Llama (hidden 2048, 16 layers, 32/8 heads; tiny when ``small``), batch 4 x 512:
+    forward ms of the unquantized model, patchkit and the raw swap per family, plus apply time."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import patchkit
+
     if small:
-        return run(n_sentences=64, rounds=1, device="cpu", dtype=torch.float32)
+        cfg = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=256,
+        )
+        batch, length = 2, 32
+    else:
+        cfg = LlamaConfig(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=32000,
+        )
+        batch, length = 4, 512
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    ids = torch.randint(0, cfg.vocab_size, (batch, length), device=device)
+
+    def fwd(model: nn.Module) -> None:
+        with torch.no_grad():
+            model.model(input_ids=ids)  # the decoder stack: what the quantized layers change
+
+    out: dict[str, Any] = {"shape": f"hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {batch} x {length}"}
+    for family in FAMILIES:
+        ours = copy.deepcopy(base)
+        apply_s = _timed(lambda m=ours, f=family: patchkit.apply(m, quantize=f), device)
+        raw = raw_swap(base, family)
+        models = {"base": base, "patchkit": ours, "raw_bnb": raw}
+        for model in models.values():
+            fwd(model)  # warm-up
+        times: dict[str, list[float]] = {k: [] for k in models}
+        for _ in range(rounds):
+            for label, model in models.items():
+                times[label].append(_timed(lambda m=model: fwd(m), device))
+        med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+        out[family] = {
+            "forward_ms": {k: round(v, 2) for k, v in med.items()},
+            "apply_s": round(apply_s, 3),
+            "vs_base": {k: round(med[k] / med["base"], 3) for k in ("patchkit", "raw_bnb")},
+        }
+        del ours, raw
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return out
+
+
+def gpu_checks(small: bool) -> dict[str, Any]:
+    """The same measurements on CUDA with fp16 models (fp32 reference), plus a Llama-shaped bf16
+    speed run; small=True: a quick CPU dry run of both."""
+    if small:
+        result = run(n_sentences=64, rounds=1, device="cpu", dtype=torch.float32)
+        result["llama_speed"] = llama_speed("cpu", torch.float32, small=True, rounds=1)
+        return result
     if not torch.cuda.is_available():
         return {"skipped": "CUDA is not available"}
     result = run(n_sentences=256, rounds=5, device="cuda", dtype=torch.float16)
+    result["llama_speed"] = llama_speed("cuda", torch.bfloat16, small=False)
     result["card"] = torch.cuda.get_device_name(0)
     return result
 

@@ -45,6 +45,9 @@ def test_qlora_trains_then_unload_and_reverse_restores_the_base_model(family: st
     assert type(q_proj).__module__ == "peft.tuners.lora.bnb"  # PEFT picked its bitsandbytes-aware LoRA
     losses = _train(wrapped)
     assert losses[-1] < losses[0]
+    with pytest.raises(patchkit.ConflictError, match="unload"):
+        patchkit.reverse(wrapped)  # the adapter still wraps quantized layers: refuse, change nothing
+    assert type(wrapped.base_model.model.model.layers[0].self_attn.q_proj).__module__ == "peft.tuners.lora.bnb"
     base = wrapped.unload()
     assert base is model
     patchkit.reverse(model)

@@ -36,7 +36,9 @@ def test_saved_checkpoint_reloads_with_equal_outputs(family: str, tmp_path: os.P
     expected = output(model, ids)
     with pytest.raises(patchkit.PatchedModelError):
         model.save_pretrained(tmp_path)  # the plain save stays guarded while patched
-    save_quantized(model, tmp_path)
+    with pytest.raises(patchkit.PatchedModelError, match="quantized=True"):
+        patchkit.save_pretrained(model, tmp_path)
+    patchkit.save_pretrained(model, tmp_path, quantized=True)  # the public entry point to save_quantized
     config = json.loads(open(os.path.join(tmp_path, "config.json")).read())["quantization_config"]
     assert config["load_in_8bit" if family == "int8" else "load_in_4bit"]
     reloaded = _same_kernel(transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval(), False)

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 import patchkit
 
 bnb = pytest.importorskip("bitsandbytes")
+transformers = pytest.importorskip("transformers")
 
 
 def _reasons(report_or_plan: object) -> dict[str, str]:
@@ -89,26 +91,54 @@ def test_plan_shows_every_linear_and_changes_nothing() -> None:
     assert not patchkit.is_patched(model)
 
 
-@pytest.mark.parametrize(
-    ("make", "message"),
-    [
-        (lambda: tiny_llama().to(torch.float64), "float64"),
-        (lambda: tiny_llama().to("meta"), "meta device"),
-    ],
-    ids=["float64", "meta"],
-)
-def test_unsupported_weights_raise_before_any_change(make: object, message: str) -> None:
-    model = make()  # type: ignore[operator]
-    snap = snapshot(model) if message != "meta device" else None
-    with pytest.raises(patchkit.UnsupportedError, match=message):
+def test_float64_raises_before_any_change() -> None:
+    model = tiny_llama().to(torch.float64)
+    snap = snapshot(model)
+    with pytest.raises(patchkit.UnsupportedError, match="float64"):
         patchkit.apply(model, quantize="nf4")
     assert not patchkit.is_patched(model)
-    assert all(type(m) is not bnb.nn.Linear4bit for m in model.modules())
-    if snap is not None:
-        assert_same_objects(model, snap)
+    assert_same_objects(model, snap)
     report = patchkit.apply(model, quantize="nf4", strict=False)  # strict=False: left alone, with the reason
-    assert not report.swaps and all(message in s.reason for s in report.skipped if s.path != "lm_head")
+    assert not report.swaps and all("float64" in s.reason for s in report.skipped if s.path != "lm_head")
     patchkit.reverse(model)
+
+
+def test_meta_model_plans_but_does_not_apply() -> None:
+    model = tiny_llama().to("meta")  # built before loading: the plan says what apply will do
+    plan = patchkit.plan(model, quantize="int8")
+    assert len(plan.patches) == 14 and "lm_head" in _reasons(plan)
+    layer = model.model.layers[0].mlp.up_proj
+    with pytest.raises(patchkit.UnsupportedError, match="meta device"):
+        patchkit.apply(model, quantize="int8")
+    assert model.model.layers[0].mlp.up_proj is layer and not patchkit.is_patched(model)
+
+
+def test_partly_loaded_model_is_refused_in_the_plan() -> None:
+    model = tiny_llama()
+    model.model.layers[1].mlp.to("meta")  # e.g. weights that never arrived
+    with pytest.raises(patchkit.UnsupportedError, match="meta device"):
+        patchkit.plan(model, quantize="nf4")
+    with pytest.raises(patchkit.UnsupportedError, match="meta device"):
+        patchkit.apply(model, quantize="nf4")
+    assert not patchkit.is_patched(model)
+    assert all(not isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def test_planning_a_large_meta_model_is_fast() -> None:
+    cfg = transformers.LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=80,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=1000,
+    )
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    start = time.perf_counter()
+    plan = patchkit.plan(model, quantize="nf4")
+    assert len(plan.patches) == 80 * 7
+    assert time.perf_counter() - start < 1.0  # one pass over the model per plan, not one per layer
 
 
 def test_int8_refuses_weights_beyond_float16_range() -> None:

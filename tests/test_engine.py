@@ -255,3 +255,35 @@ def test_requirements_checked_before_build():
         meta = small_model()
     reg = registry_with(scaled_linear_patcher(requires=Requirements(devices=frozenset({"cuda"}))))
     assert len(patchkit.plan(meta, patch="scale", registry=reg).patches) == 3
+
+
+def test_reverse_refuses_when_a_patched_slot_was_wrapped_afterwards():
+    model = small_model()
+    patchkit.apply(model, patch="scale", registry=registry_with(scaled_linear_patcher()))
+    replacement = model[0]
+    model[0] = nn.Sequential(replacement)  # e.g. an adapter wrapping patchkit's layer
+    with pytest.raises(ConflictError, match="unload"):
+        patchkit.reverse(model)
+    assert patchkit.is_patched(model) and model[2][0].__class__ is ScaledLinear  # nothing was undone
+    model[0] = replacement
+    patchkit.reverse(model)
+    assert type(model[0]) is nn.Linear
+
+
+def test_reverse_across_layers_that_replaced_each_others_modules():
+    outer = Patcher(name="outer", kind="attention", family="o", match=nn.Linear,
+                    build=lambda m, ctx: patchkit.share_as(m, ScaledLinear))
+
+    class Twice(ScaledLinear):
+        pass
+
+    inner = Patcher(name="inner", kind="quantize", family="i", match=ScaledLinear,
+                    build=lambda m, ctx: patchkit.share_as(m, Twice))
+    registry = registry_with(outer, inner)
+    model = small_model()
+    before = snapshot(model)
+    patchkit.apply(model, attention="o", registry=registry)
+    patchkit.apply(model, quantize="i", registry=registry)
+    assert type(model[0]) is Twice
+    patchkit.reverse(model)
+    assert snapshot(model) == before

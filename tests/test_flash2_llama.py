@@ -256,3 +256,41 @@ def test_sdpa_model_keeps_sdpa_fallback_and_matches():
     assert close_on(mask, logits(model, ids, mask), want) <= TOL
     patchkit.reverse(model)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_inputs_embeds_padding_free_matches_eager():
+    model = llama()
+    ids, mask = batch("left")
+    embeds = model.get_input_embeddings()(ids).detach()
+    with torch.no_grad():
+        want = model(inputs_embeds=embeds, attention_mask=mask).logits
+        patch(model)
+        got = model(inputs_embeds=embeds, attention_mask=mask).logits
+    assert close_on(mask, got, want) <= TOL
+
+
+def test_plan_on_meta_device_checks_dtype_without_touching():
+    with torch.device("meta"):
+        model = llama().to(torch.bfloat16)
+    plan = patchkit.plan(model, attention="flash2", backend="torch")
+    assert "flash2-llama" in str(plan)
+    with pytest.raises(UnsupportedError, match="bf16"):
+        patchkit.plan(model.float(), attention="flash2", backend="torch")
+    assert not patchkit.is_patched(model)
+
+
+def test_models_sharing_a_config_reverse_in_any_order():
+    a = llama()
+    b = LlamaForCausalLM(a.config).eval()
+    ids, mask = batch("right")
+    want_a, want_b = logits(a, ids, mask), logits(b, ids, mask)
+    patch(a)
+    patch(b)
+    patchkit.reverse(a)  # b stays patched: the shared config still says "patchkit"
+    assert a.config._attn_implementation == "patchkit"
+    seen = []
+    b.model.layers[0].mlp.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    assert close_on(mask, logits(b, ids, mask), want_b) <= TOL and seen == [1]  # b still padding-free
+    assert torch.equal(logits(a, ids, mask), want_a)  # a falls back to eager exactly
+    patchkit.reverse(b)
+    assert a.config._attn_implementation == "eager"

@@ -103,11 +103,13 @@ def test_reverse_restores_forward_and_config_and_leaves_others_alone() -> None:
     params = {n: p for n, p in model.named_parameters()}
     patchkit.apply(model, attention="sdpa")
     assert isinstance(decoder.__dict__.get("forward"), types.MethodType)
+    assert "forward" in model.lm_head.__dict__ and "forward" not in other.lm_head.__dict__
     assert "forward" not in other.model.decoder.__dict__ and other.config._attn_implementation == "eager"
     assert modeling_opt.OPTDecoder.forward is type(other.model.decoder).forward
     assert all(p is params[n] for n, p in model.named_parameters())
     patchkit.reverse(model)
     assert "forward" not in decoder.__dict__ and model.config._attn_implementation == "eager"
+    assert "forward" not in model.lm_head.__dict__
     assert model.model.decoder is decoder
 
 

@@ -86,3 +86,21 @@ def test_same_code_sees_through_names_but_not_changes() -> None:
 
     assert same_code(f, g)
     assert not same_code(f, h)
+
+
+def test_zero_row_skipping_head_equals_linear() -> None:
+    import types
+
+    from patchkit_sdpa._head import skip_zero_rows_forward
+    from torch import nn
+
+    torch.manual_seed(0)
+    for bias in (True, False):
+        lin = nn.Linear(6, 11, bias=bias)
+        x = torch.randn(3, 5, 6)
+        x[0, 3:] = 0
+        x[2, :2] = 0
+        with torch.no_grad():
+            exp = lin(x)
+            got = types.MethodType(skip_zero_rows_forward, lin)(x)
+        assert torch.equal(got, exp)

@@ -31,6 +31,7 @@ class PatchkitLinear8bitLt(bnb.nn.Linear8bitLt):
             scb = self.state.SCB
         if scb is None:
             return super().forward(x)  # never quantized: bitsandbytes raises its own clear error
-        dense = bnb.functional.int8_vectorwise_dequant(weight.data, scb).to(x.dtype)
+        # int8 rows times their scales, produced in the input dtype in one pass (int8 * float -> float).
+        dense = weight.data * (scb.float() * (1.0 / 127.0)).to(x.dtype).unsqueeze(1)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, dense, bias)

@@ -12,7 +12,7 @@ from .options import read_options
 from .quantize import make_build
 from .reverse import restore
 from .runtime import load_bnb, unsupported_tensor
-from .selection import skip_reason
+from .selection import model_facts, skip_reason
 
 _FP16_MAX = 65504.0
 _DESCRIPTIONS = {
@@ -29,9 +29,14 @@ def make_check(family: str) -> Callable[[nn.Module, PatchContext], str | None]:
         assert isinstance(module, nn.Linear)  # the match guarantees it
         bnb = load_bnb()
         opts = read_options(ctx)
-        reason = skip_reason(bnb, module, ctx.root, ctx.paths or ("",), defaults=opts.skip_defaults)
+        facts = model_facts(ctx.root, ctx.options)
+        reason = skip_reason(bnb, module, ctx.root, ctx.paths or ("",), facts, defaults=opts.skip_defaults)
         if reason is not None:
             return reason
+        if module.weight.device.type == "meta" and not facts.has_loaded_weights:
+            # A model built on the meta device (planning before loading, `patchkit plan`): the plan
+            # is what apply would do once loaded; build refuses meta weights before changing anything.
+            return None
         problem = unsupported_tensor(bnb, module.weight)
         if problem is not None:
             raise UnsupportedError(problem)
@@ -64,6 +69,12 @@ def make_setup(family: str) -> Callable[[nn.Module, PatchContext], None]:
     return setup
 
 
+def _save(model: nn.Module, path: object) -> None:
+    from .saving import save_quantized
+
+    save_quantized(model, path)  # type: ignore[arg-type]
+
+
 def make_patchers() -> list[Patcher]:
     """The ``bnb-int8``, ``bnb-fp4`` and ``bnb-nf4`` patchers."""
     return [
@@ -76,7 +87,10 @@ def make_patchers() -> list[Patcher]:
             build=make_build(family),
             restore=restore,
             setup=make_setup(family),
-            requires=Requirements(packages={"bitsandbytes": ">=0.45"}),
+            save=_save,  # patchkit.save_pretrained(model, path, quantized=True)
+            # bitsandbytes (and its version) is checked by load_bnb() in check, once per process:
+            # Requirements.packages reads package metadata for every candidate layer.
+            requires=Requirements(),
             description=_DESCRIPTIONS[family],
         )
         for family in ("int8", "fp4", "nf4")

@@ -10,13 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from patchkit import PatchContext
+from patchkit import PatchContext, UnsupportedError
 
 from .dequantize import fourbit_weight, int8_weight
 from .keep import keep_in_ram, keep_on_disk
 from .options import Options, read_options
 from .record import RECORD_ATTR, QuantRecord
-from .runtime import load_bnb
+from .runtime import load_bnb, unsupported_tensor
 from .selection import shared_weight
 
 # Forward/backward hooks the user put on the original layer keep firing on its replacement.
@@ -96,6 +96,8 @@ def make_build(family: str) -> Callable[[nn.Module, PatchContext], nn.Module]:
         bnb = load_bnb()
         opts = read_options(ctx)
         original = module.weight
+        if original.device.type == "meta":  # only reachable for a model that is entirely on meta
+            raise UnsupportedError(unsupported_tensor(bnb, original) or "the weight is on the meta device")
         weight = original.detach()
         layer: Any
         with torch.no_grad():

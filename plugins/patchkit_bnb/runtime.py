@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 from types import ModuleType
@@ -11,6 +12,7 @@ import torch
 
 from patchkit import UnsupportedError
 
+MIN_VERSION = "0.45"
 # Floating dtypes bitsandbytes quantizes from (and dequantizes back to).
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Used when bitsandbytes does not declare its devices (older releases): what 0.45+ runs on.
@@ -35,7 +37,23 @@ def load_bnb() -> ModuleType:
             f"the bitsandbytes package cannot be imported ({exc.__class__.__name__}: {exc}); "
             "install it with `pip install 'bitsandbytes>=0.45'` (or `pip install 'patchkit[bnb]'`)"
         ) from exc
+    version = str(getattr(bnb, "__version__", "0"))
+    if _too_old(version):
+        raise UnsupportedError(
+            f"bitsandbytes {version} is too old (int8_vectorwise_quant and CPU kernels need >= {MIN_VERSION}); "
+            f"upgrade with `pip install -U 'bitsandbytes>={MIN_VERSION}'`"
+        )
     return bnb
+
+
+@functools.lru_cache(maxsize=4)
+def _too_old(version: str) -> bool:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(version) < Version(MIN_VERSION)
+    except InvalidVersion:
+        return False  # a local build with an odd version string: let its API speak for itself
 
 
 def supported_devices(bnb: ModuleType) -> frozenset[str]:

@@ -10,7 +10,10 @@ Each default skip is a reason string, so ``patchkit.plan`` lists every linear la
 from __future__ import annotations
 
 import sys
+import time
+import weakref
 from collections import Counter
+from dataclasses import dataclass
 from types import ModuleType
 
 from torch import nn
@@ -54,22 +57,65 @@ def _output_embedding(root: nn.Module) -> nn.Module | None:
     return found if isinstance(found, nn.Module) else None
 
 
-def shared_weight(root: nn.Module, module: nn.Module) -> bool:
+@dataclass
+class ModelFacts:
+    """Whole-model facts the per-layer checks need, gathered in one pass over the model."""
+
+    owners: Counter[int]  # id(Parameter) -> number of module objects holding it
+    output_embedding: nn.Module | None
+    keep_fp32: frozenset[str]
+    has_loaded_weights: bool  # any parameter off the meta device
+
+
+def _gather(root: nn.Module) -> ModelFacts:
+    owners: Counter[int] = Counter()
+    keep: set[str] = set()
+    loaded = False
+    for m in root.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                owners[id(p)] += 1
+                loaded = loaded or p.device.type != "meta"
+        for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
+            value = getattr(type(m), attr, None)  # a class attribute; the class lookup is fast
+            if isinstance(value, (list, tuple, set)):
+                keep.update(str(v) for v in value)
+    return ModelFacts(owners, _output_embedding(root), frozenset(keep), loaded)
+
+
+# One slot: the facts of the model being planned. The engine runs every check of one plan/apply
+# call back to back, so the facts are gathered once per call, not once per layer (a 70B model plans
+# in well under a second). A call is recognised by its options mapping when the user passed
+# options (the engine hands the same object to every check), else by the checks following each
+# other within _BURST_S on the same model.
+_BURST_S = 0.25
+_last: tuple[weakref.ref[nn.Module], object, ModelFacts, float] | None = None
+
+
+def model_facts(root: nn.Module, options: object) -> ModelFacts:
+    """:class:`ModelFacts` of ``root``, reused across the checks of one plan/apply call."""
+    global _last
+    now = time.monotonic()
+    if _last is not None and _last[0]() is root:
+        same_call = _last[1] is options if options else now - _last[3] < _BURST_S
+        if same_call:
+            _last = (_last[0], _last[1], _last[2], now)
+            return _last[2]
+    facts = _gather(root)
+    _last = (weakref.ref(root), options, facts, time.monotonic())
+    return facts
+
+
+def shared_weight(root: nn.Module, module: nn.Module, facts: ModelFacts | None = None) -> bool:
     """True when another module object holds ``module``'s weight Parameter (tied weights)."""
     weight = module._parameters.get("weight")
     if weight is None:
         return False
-    owners = Counter(id(p) for m in root.modules() for p in m._parameters.values() if p is not None)
+    owners = facts.owners if facts is not None else _gather(root).owners
     return owners[id(weight)] > 1
 
 
-def _keep_fp32(root: nn.Module, paths: tuple[str, ...]) -> str | None:
-    names: set[str] = set()
-    for m in root.modules():
-        for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
-            value = getattr(m, attr, None)
-            if isinstance(value, (list, tuple, set)):
-                names.update(str(v) for v in value)
+def _keep_fp32(names: frozenset[str], paths: tuple[str, ...]) -> str | None:
     for path in paths:
         segments = path.split(".")
         for name in names:
@@ -90,7 +136,13 @@ def _inside_adapter(ancestors: list[nn.Module]) -> bool:
 
 
 def skip_reason(
-    bnb: ModuleType, module: nn.Module, root: nn.Module, paths: tuple[str, ...], *, defaults: bool = True
+    bnb: ModuleType,
+    module: nn.Module,
+    root: nn.Module,
+    paths: tuple[str, ...],
+    facts: ModelFacts,
+    *,
+    defaults: bool = True,
 ) -> str | None:
     """Why ``module`` (a linear at ``paths`` under ``root``) is left alone, or ``None``.
 
@@ -110,11 +162,11 @@ def skip_reason(
         return "part of a PEFT adapter layer; quantize the base model before adding adapters"
     if not defaults:
         return None
-    if module is _output_embedding(root) or any(p.rpartition(".")[2] == "lm_head" for p in paths):
+    if module is facts.output_embedding or any(p.rpartition(".")[2] == "lm_head" for p in paths):
         return "output embedding (lm_head) stays full precision by default; skip_defaults=False quantizes it"
-    if shared_weight(root, module):
+    if shared_weight(root, module, facts):
         return "tied weight (shared with another module) stays full precision"
-    kept = _keep_fp32(root, paths)
+    kept = _keep_fp32(facts.keep_fp32, paths)
     if kept is not None:
         return f"listed in the model's _keep_in_fp32_modules ({kept!r})"
     return None

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from .attention_backends import AttentionBackend
-from .engine import PatchReport, Swap, applied, apply, is_patched, patched, plan, reverse
+from .engine import PatchReport, Swap, applied, apply, is_patched, patched, plan, reverse, save_pretrained
 from .errors import (
     ConflictError,
     NotPatchedError,
@@ -57,5 +57,6 @@ __all__ = [
     "plan",
     "plugins",
     "reverse",
+    "save_pretrained",
     "share_as",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,6 +153,7 @@ def _apply(
                 strict=strict, backend=backend, options=options, registry=registry,
             )
             swaps += _run_stage(model, stage, journal, backend, options, registry)
+            layer.patchers.update({p.patcher_obj.name: p.patcher_obj for p in stage.patches})
             skipped += stage.skipped
         if first_layer:
             _guard_saving(model, journal)
@@ -242,6 +244,7 @@ def reverse(model: nn.Module) -> nn.Module:
             "nothing to reverse"
         )
     holder, journal = found
+    journal.check()
     with _gc_paused():
         while journal.layers:
             journal.undo_layer()
@@ -257,6 +260,7 @@ def patched(model: nn.Module, **kwargs: Any) -> Iterator[PatchReport]:
         yield report
     finally:
         holder, journal = _journal_for(model)
+        journal.check(layers=1)
         journal.undo_layer()
         if not journal.layers:
             _drop_journal(holder)
@@ -272,6 +276,34 @@ def applied(model: nn.Module) -> dict[str, str]:
     """Kind -> family of everything currently applied to ``model`` (empty when unpatched)."""
     found = find_journal(model)
     return found[1].applied_kinds() if found else {}
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike[str], *, quantized: bool = False, **kwargs: Any) -> None:
+    """Save ``model`` with its host's ``save_pretrained``.
+
+    Unpatched: exactly ``model.save_pretrained(path, **kwargs)``. Patched with a quantizer and
+    ``quantized=True``: the quantizer's ``save`` writes a checkpoint the host reloads quantized (for
+    bitsandbytes: ``from_pretrained`` with a ``BitsAndBytesConfig``); the model is not changed.
+    Patched otherwise: :class:`PatchedModelError` (call :func:`reverse` first).
+    """
+    found = find_journal(model)
+    if found is None or not found[1].layers:
+        type(model).save_pretrained(model, path, **kwargs)  # type: ignore[attr-defined]
+        return
+    if not quantized:
+        raise PatchedModelError(
+            "the model is patched: call patchkit.reverse(model) before saving, or pass quantized=True to write "
+            "the quantized checkpoint"
+        )
+    savers = {p.save for layer in found[1].layers for p in layer.patchers.values() if p.kind == "quantize" and p.save}
+    if not savers:
+        raise UnsupportedError(
+            "quantized=True needs a quantizer applied whose patcher can write a checkpoint; none is: "
+            f"applied {applied(model)}"
+        )
+    if len(savers) > 1:
+        raise UnsupportedError("several quantizers with different checkpoint writers are applied; save is ambiguous")
+    savers.pop()(model, path)
 
 
 def _journal_for(model: nn.Module) -> tuple[nn.Module, Journal]:

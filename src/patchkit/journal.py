@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import nn
 
+from .errors import ConflictError
+
 JOURNAL_ATTR = "_patchkit_journal"
 _MISSING = object()
 
@@ -34,6 +36,21 @@ class _Replace:
 
     def describe(self) -> str:
         return f"replace {type(self.original).__name__} -> {type(self.replacement).__name__}"
+
+    def problem(self, undone_later: dict[int, nn.Module]) -> str | None:
+        """Why this swap cannot be undone exactly, given what newer layers will put back first."""
+        for parent, name in self.edges:
+            now = parent._modules.get(name)
+            while now is not None and id(now) in undone_later:  # a newer layer replaced our replacement
+                now = undone_later[id(now)]
+            if now is not self.replacement:
+                return (
+                    f"slot {name!r} of a {type(parent).__name__} should hold patchkit's "
+                    f"{type(self.replacement).__name__} but holds {type(now).__name__}: something wrapped or "
+                    "replaced it after patching (a PEFT adapter?). Unload or merge it first "
+                    "(peft_model.unload() / merge_and_unload()), then reverse"
+                )
+        return None
 
 
 @dataclass
@@ -71,6 +88,7 @@ class Layer:
     applied: dict[str, str]
     entries: list[Any] = field(default_factory=list)
     report: Any = None
+    patchers: dict[str, Any] = field(default_factory=dict)  # name -> Patcher used in this layer
 
 
 class Journal:
@@ -128,6 +146,18 @@ class Journal:
     def call(self, undo: Callable[[], None], what: str) -> None:
         """Record an arbitrary undo step."""
         self._entries.append(_Call(undo, what))
+
+    def check(self, layers: int | None = None) -> None:
+        """Raise ConflictError, changing nothing, unless the newest ``layers`` (default: all) can be
+        undone exactly: every slot patchkit filled must still hold what patchkit put there."""
+        undone_later: dict[int, nn.Module] = {}
+        for layer in list(reversed(self.layers))[: layers or len(self.layers)]:
+            for entry in reversed(layer.entries):
+                if isinstance(entry, _Replace):
+                    problem = entry.problem(undone_later)
+                    if problem is not None:
+                        raise ConflictError(f"cannot reverse exactly: {problem}")
+                    undone_later[id(entry.replacement)] = entry.original
 
     def undo_layer(self) -> Layer:
         """Undo and drop the newest layer; returns it."""

@@ -16,6 +16,9 @@ A patcher is plain data plus four callables. The engine calls them in this order
 ``setup(root, ctx)`` (optional) runs once per apply after all of the patcher's swaps, for
 model-level changes (a config field, an instance ``forward``); every change it makes through
 ``ctx`` is journaled and reversed with the rest.
+
+``save(model, path)`` (optional, quantizers): write the *patched* model as a checkpoint its host
+library can load (``patchkit.save_pretrained(model, path, quantized=True)`` calls it).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class Patcher:
     check: Callable[[nn.Module, PatchContext], str | None] | None = None
     restore: Callable[[nn.Module, nn.Module, PatchContext], None] | None = None
     setup: Callable[[nn.Module, PatchContext], None] | None = None
+    save: Callable[[nn.Module, Any], None] | None = None
     priority: int = 0
     requires: Requirements = field(default_factory=Requirements)
     description: str = ""
@@ -101,7 +105,7 @@ class PatchContext:
         self.root = root
         self.patcher = patcher
         self.paths = paths
-        self.options: Mapping[str, Any] = options or {}
+        self.options: Mapping[str, Any] = options if options is not None else {}
         self.backend = backend
         self.journal = journal
         self.selected = selected  # in setup(): the paths this patcher swapped in this apply
