@@ -186,7 +186,16 @@ def accuracy_checks(device: str, dtype: torch.dtype, backend: str) -> dict[str, 
         patchkit.apply(model, attention="flash2", backend=backend)
         greedy_got = model.generate(left_ids, attention_mask=left_mask, **gen_kw)
         patchkit.reverse(model)
+        # training on the right-padded rows (with left padding the first token's label is predicted
+        # from a padding position, whose output differs by design: zeros here, unspecified in eager)
+        grads_want, loss_want = _loss_and_grads(model, ids[:2], mask[:2])
+        patchkit.apply(model.train(), attention="flash2", backend=backend)
+        grads_got, loss_got = _loss_and_grads(model, ids[:2], mask[:2])
+        patchkit.reverse(model)
+        model.eval()
         out[name] = dict(
+            train_loss_rel_err=abs(loss_got - loss_want) / abs(loss_want),
+            train_grad_rel_err=_rel(grads_got, grads_want, None),
             rel_err_vs_eager_same_dtype=_rel(got, want, mask),
             rel_err_eager_same_dtype_vs_fp32=_rel(want, want32, mask),
             rel_err_vs_eager_fp32=_rel(got, want32, mask),
@@ -195,6 +204,18 @@ def accuracy_checks(device: str, dtype: torch.dtype, backend: str) -> dict[str, 
             greedy_token_agreement=float((greedy_got == greedy_want).float().mean()),
         )
     return out
+
+
+def _loss_and_grads(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """All gradients flattened into one vector, and the loss, for a padded batch (labels ignore padding)."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), use_cache=False).loss
+    loss.backward()
+    grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return grads, float(loss.detach())
 
 
 def _peak(device: str, fn: Callable[[], Any]) -> float | None:

@@ -287,3 +287,14 @@ def test_reverse_across_layers_that_replaced_each_others_modules():
     assert type(model[0]) is Twice
     patchkit.reverse(model)
     assert snapshot(model) == before
+
+
+def test_setup_notes_reach_the_report():
+    def setup(root, ctx):
+        ctx.note(f"model-level change for {len(ctx.selected)} modules")
+
+    patcher = scaled_linear_patcher()
+    patcher = Patcher(**{**patcher.__dict__, "setup": setup, "plugin": ""})
+    report = patchkit.apply(small_model(), patch="scale", registry=registry_with(patcher))
+    assert report.notes == ["scaled-linear: model-level change for 4 modules"]
+    assert "model-level change" in str(report)

@@ -164,10 +164,13 @@ def test_mistral_window_smaller_than_sequence_matters():
 
 
 @pytest.mark.parametrize("padding_free", [True, False])
-def test_training_loss_and_grads_match_eager(padding_free):
+@pytest.mark.parametrize("pad", ["right", "left"])
+def test_training_loss_and_grads_match_eager(padding_free, pad):
     model = llama().train()
-    ids, mask = batch("right")
+    ids, mask = batch(pad)
     labels = ids.masked_fill(mask == 0, -100)
+    if pad == "left":  # the first token's label is predicted from a padding position: ignore it too
+        labels[:, 1:] = labels[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
 
     def loss_and_grads():
         model.zero_grad()

@@ -73,8 +73,8 @@ def reference_varlen(
         nq, nk = lq.pop(), lk.pop()
         if nq == 0:
             return q.new_zeros(q.shape)
-        batched = [x.view(-1, n, x.shape[1], x.shape[2]).transpose(1, 2) for x, n in ((q, nq), (k, nk), (v, nk))]
-        out = _sdpa(*batched, nq, nk, scale, causal, window, None, dropout, groups)
+        qb, kb, vb = (x.view(-1, n, x.shape[1], x.shape[2]).transpose(1, 2) for x, n in ((q, nq), (k, nk), (v, nk)))
+        out = _sdpa(qb, kb, vb, nq, nk, scale, causal, window, None, dropout, groups)
         return out.transpose(1, 2).reshape(q.shape)
     outs = []
     for i in range(len(cq) - 1):

@@ -49,34 +49,50 @@ class ActiveForward:
 
 ACTIVE: contextvars.ContextVar[ActiveForward | None] = contextvars.ContextVar("patchkit_flash2_active", default=None)
 
-# id(config) -> (weakref to config, previous _attn_implementation, number of live patches)
+# id(config) -> [weakref to config, previous implementation, live patches, field set]
 _PREVIOUS: dict[int, list[Any]] = {}
 
 
-def remember_previous(config: Any, previous: str) -> None:
-    """Record ``config``'s implementation before patching (kept while at least one patch is live)."""
+def _entry(config: Any) -> list[Any] | None:
     entry = _PREVIOUS.get(id(config))
-    if entry is not None and entry[0]() is config:
+    return entry if entry is not None and entry[0]() is config else None
+
+
+def acquire_config(config: Any) -> str:
+    """Point ``config`` at ``"patchkit"`` for one more patched model; returns the previous implementation.
+
+    Counted, so that models sharing one config object can be patched and reversed in any order:
+    the config goes back to its previous implementation when the last of them is reversed.
+    """
+    entry = _entry(config)
+    if entry is not None:
         entry[2] += 1
+        return str(entry[1])
+    previous = config._attn_implementation
+    # the plain field when this transformers has one (5.x), else the property
+    name = "_attn_implementation_internal"
+    if name not in vars(config):
+        name = "_attn_implementation"
+    _PREVIOUS[id(config)] = [weakref.ref(config), previous, 1, name]
+    setattr(config, name, KEY)
+    return str(previous)
+
+
+def release_config(config: Any) -> None:
+    """Undo one :func:`acquire_config` (journaled as a reverse step)."""
+    entry = _entry(config)
+    if entry is None:
         return
-    _PREVIOUS[id(config)] = [weakref.ref(config), previous, 1]
-
-
-def forget_previous(config: Any) -> None:
-    """Undo one :func:`remember_previous` (called on reverse)."""
-    entry = _PREVIOUS.get(id(config))
-    if entry is not None and entry[0]() is config:
-        entry[2] -= 1
-        if entry[2] <= 0:
-            del _PREVIOUS[id(config)]
+    entry[2] -= 1
+    if entry[2] <= 0:
+        setattr(config, entry[3], entry[1])
+        del _PREVIOUS[id(config)]
 
 
 def previous_implementation(config: Any) -> str:
     """The implementation ``config`` had before patchkit set it to ``"patchkit"`` (default ``"eager"``)."""
-    entry = _PREVIOUS.get(id(config))
-    if entry is not None and entry[0]() is config:
-        return str(entry[1])
-    return "eager"
+    entry = _entry(config)
+    return str(entry[1]) if entry is not None else "eager"
 
 
 # -- registration -------------------------------------------------------------------------------
@@ -187,9 +203,16 @@ def varlen_attention(
     """Run ``state.backend`` on ``[B, H, T, D]`` tensors; returns ``[B, T, H, D]`` (zeros on padding)."""
     batch, heads, q_len, dim = query.shape
     k_len = key.shape[2]
-    layout = _layout(ACTIVE.get(), mask, query, key, kwargs)
-    if layout is None:
-        layout = L.dense(batch, q_len, k_len, query.device)
+    active = ACTIVE.get()
+    layout = _layout(active, mask, query, key, kwargs)
+    if layout is None:  # full rows: one cached dense layout per forward
+        dense_key = ("dense", batch, q_len, k_len)
+        cached = active.layouts.get(dense_key) if active is not None else None
+        layout = cached[1] if cached is not None else None
+        if layout is None:
+            layout = L.dense(batch, q_len, k_len, query.device)
+            if active is not None:
+                active.layouts[dense_key] = (None, layout)
     window = (sliding_window - 1 if sliding_window else -1, 0 if causal else -1)
     out = state.backend.varlen(
         L.unpad(query, layout.q_index),

@@ -75,17 +75,8 @@ def setup(root: nn.Module, ctx: Any) -> None:
         if not any(dispatch.STATE_ATTR in m.__dict__ for m in base.modules()):
             continue
         config = base.config
-        previous = config._attn_implementation
-        if previous != dispatch.KEY:
-            dispatch.remember_previous(config, previous)
-            ctx.on_reverse(functools.partial(dispatch.forget_previous, config), "forget previous attention")
-            # the plain field when this transformers has one (5.x), else the property
-            field = (
-                "_attn_implementation_internal"
-                if "_attn_implementation_internal" in vars(config)
-                else ("_attn_implementation")
-            )
-            ctx.set_attr(config, field, dispatch.KEY)
+        previous = dispatch.acquire_config(config)
+        ctx.on_reverse(functools.partial(dispatch.release_config, config), "config attention implementation back")
         wrapper = padfree.make_forward(base, base.forward, padding_free=padding_free, pass_kwargs=True)
         ctx.set_attr(base, "forward", wrapper)
         ctx.note(

@@ -41,10 +41,12 @@ class PatchReport:
     applied: dict[str, str]
     swaps: list[Swap]
     skipped: list[Skipped]
+    notes: list[str] = field(default_factory=list)  # model-level notes from patchers' setup()
 
     def __str__(self) -> str:
         what = ", ".join(f"{k}={v}" for k, v in self.applied.items())
         parts = [f"patchkit applied {what}: {len(self.swaps)} patched, {len(self.skipped)} left alone"]
+        parts += [f"  {note}" for note in self.notes]
         if self.swaps:
             rows = [
                 (", ".join(s.paths) or "<root>", s.original, s.replacement, s.patcher, s.plugin, "; ".join(s.notes))
@@ -144,6 +146,7 @@ def _apply(
     layer = journal.begin({_stage_key(k, f): f for k, f in stages})
     swaps: list[Swap] = []
     skipped: list[Skipped] = []
+    notes: list[str] = []
     try:
         only_p, skip_p = compile_patterns(only), compile_patterns(skip)
         for index, (kind, family) in enumerate(stages):
@@ -152,7 +155,7 @@ def _apply(
                 model, kind, family, select_patchers(registry, kind, family), only=only_p, skip=skip_p,
                 strict=strict, backend=backend, options=options, registry=registry,
             )
-            swaps += _run_stage(model, stage, journal, backend, options, registry)
+            swaps += _run_stage(model, stage, journal, backend, options, registry, notes)
             layer.patchers.update({p.patcher_obj.name: p.patcher_obj for p in stage.patches})
             skipped += stage.skipped
         if first_layer:
@@ -162,13 +165,13 @@ def _apply(
         if first_layer:
             _drop_journal(holder)
         raise
-    report = PatchReport(dict(layer.applied), swaps, skipped)
+    report = PatchReport(dict(layer.applied), swaps, skipped, notes)
     layer.report = report
     return report
 
 
 def _run_stage(
-    root: nn.Module, stage: Stage, journal: Journal, backend: str, options: Any, registry: Registry
+    root: nn.Module, stage: Stage, journal: Journal, backend: str, options: Any, registry: Registry, notes: list[str]
 ) -> list[Swap]:
     swaps: list[Swap] = []
     by_patcher: dict[str, tuple[Patcher, list[str]]] = {}
@@ -198,6 +201,7 @@ def _run_stage(
             ctx = PatchContext(root, patcher, options=options, backend=backend, journal=journal,
                                selected=tuple(paths), registry=registry)
             patcher.setup(root, ctx)
+            notes += [f"{patcher.name}: {note}" for note in ctx.notes]
     return swaps
 
 
