@@ -102,7 +102,8 @@ def test_check_runs_before_any_mutation_and_strict_false_skips():
     with pytest.raises(UnsupportedError, match=r"2\.0.*this one is unsupported"):
         patchkit.apply(model, patch="scale", registry=registry)
     assert snapshot(model) == before
-    report = patchkit.apply(model, patch="scale", registry=registry, strict=False)
+    with pytest.warns(patchkit.PatchkitWarning, match=r"2\.0 \(Linear\): scaled-linear: this one is unsupported"):
+        report = patchkit.apply(model, patch="scale", registry=registry, strict=False)
     assert [s.path for s in report.skipped] == ["2.0"]
     assert isinstance(model[0], ScaledLinear) and type(model[2][0]) is nn.Linear
 

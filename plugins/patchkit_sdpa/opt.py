@@ -5,7 +5,9 @@ so the patch is two journaled instance attributes: ``decoder.forward`` (the pack
 defers to the class's forward whenever a cache, output capture, explicit ``position_ids``,
 LayerDrop in training or an unknown argument is involved) and, if the model ran eager attention,
 ``config._attn_implementation = "sdpa"`` so the cached path (generation) uses SDPA with
-transformers' own masks: left and right padding, greedy tokens identical to eager.
+transformers' own masks: left and right padding, greedy tokens identical to eager. A plain
+Linear output head also gets an instance ``forward`` that skips the all-zero rows the packed path
+leaves at padding (``Linear(0) == bias`` exactly; inference only).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from patchkit import PatchContext, UnsupportedError
 
+from ._head import plain_linear_head, skip_zero_rows_forward
 from ._packing import Packing, make_packing, pack, unpack, varlen_sdpa
 from ._runtime import capture_requested, unexpected_kwargs
 from ._verify import foreign_hooks, method_differs
@@ -188,6 +191,11 @@ def build(module: Any, ctx: PatchContext) -> None:
     """Journaled instance attributes only: ``module.forward`` and, when eager, the attention implementation."""
     ctx.set_attr(module, "forward", types.MethodType(packed_forward, module))
     ctx.note("padding-free forward without cache; padded outputs are zeros")
+    head = plain_linear_head(ctx.root)
+    if head is not None and head.in_features == module.config.word_embed_proj_dim:
+        # The LM head is the largest GEMM of a forward: skip it on the zero rows left at padding.
+        ctx.set_attr(head, "forward", types.MethodType(skip_zero_rows_forward, head))
+        ctx.note("output head skips all-zero (padded) rows in inference")
     config = module.config
     if getattr(config, "_attn_implementation", None) in (None, "eager"):
         ctx.set_attr(config, "_attn_implementation", "sdpa")

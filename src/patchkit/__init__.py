@@ -9,7 +9,18 @@
 from __future__ import annotations
 
 from .attention_backends import AttentionBackend
-from .engine import PatchReport, Swap, applied, apply, is_patched, patched, plan, reverse, save_pretrained
+from .engine import (
+    PatchkitWarning,
+    PatchReport,
+    Swap,
+    applied,
+    apply,
+    is_patched,
+    patched,
+    plan,
+    reverse,
+    save_pretrained,
+)
 from .errors import (
     ConflictError,
     NotPatchedError,
@@ -40,6 +51,7 @@ __all__ = [
     "PatchError",
     "PatchReport",
     "PatchedModelError",
+    "PatchkitWarning",
     "Patcher",
     "Plan",
     "PluginError",

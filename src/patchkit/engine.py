@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,10 @@ from .registry import Registry, default_registry
 from .tree import compile_patterns
 
 GUARDED_METHODS = ("save_pretrained", "push_to_hub")
+
+
+class PatchkitWarning(UserWarning):
+    """A module was left unpatched because a requirement was not met (``strict=False``)."""
 
 
 @dataclass
@@ -166,6 +171,15 @@ def _apply(
             _drop_journal(holder)
         raise
     report = PatchReport(dict(layer.applied), swaps, skipped, notes)
+    unsupported = [s for s in skipped if s.unsupported]
+    if unsupported:  # strict=False: fall back loudly, never silently
+        lines = "\n".join(f"  {s.path or '<root>'} ({s.module_class}): {s.reason}" for s in unsupported[:10])
+        more = f"\n  ... and {len(unsupported) - 10} more" if len(unsupported) > 10 else ""
+        warnings.warn(
+            f"patchkit left {len(unsupported)} module(s) unpatched (strict=False):\n{lines}{more}",
+            PatchkitWarning,
+            stacklevel=3,
+        )
     layer.report = report
     return report
 

@@ -40,6 +40,7 @@ class Skipped:
     module_class: str
     patcher: str
     reason: str
+    unsupported: bool = False  # left alone because a check raised UnsupportedError (strict=False)
 
 
 @dataclass
@@ -195,7 +196,7 @@ def plan_stage(
         if chosen is None:
             if first_error is not None and strict:
                 raise UnsupportedError(f"cannot patch {path or '<root>'} ({cls}): {first_error}") from first_error
-            stage.skipped.append(Skipped(path, cls, candidates[0].name, "; ".join(reasons)))
+            stage.skipped.append(Skipped(path, cls, candidates[0].name, "; ".join(reasons), first_error is not None))
             continue
         stage.patches.append(PlannedPatch(list(node.paths), cls, chosen.name, chosen.plugin, kind, node, chosen))
         taken.update(node.paths)
