@@ -193,14 +193,15 @@ class PackedEncoderMixin:
                 attention_mask=attention_mask,
                 encoder_hidden_states=encoder_hidden_states,
                 encoder_attention_mask=encoder_attention_mask,
-                cache=cache,
                 use_cache=use_cache,
+                **({"cache": cache} if cache is not None else {}),  # older releases call it past_key_values
                 **kwargs,
             )
         from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
         out = encode_packed(self, hidden_states, keep)
-        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out, cache=None)
+        # Only last_hidden_state: the cache field was renamed (past_key_values -> cache) in 5.x.
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out)
 
 
 _CLASSES: dict[type, type] = {}

@@ -156,7 +156,7 @@ def packed_forward(
         return original(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            cache=cache,
+            **({"cache": cache} if cache is not None else {}),  # older releases call it past_key_values
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             position_ids=position_ids,
@@ -184,7 +184,8 @@ def packed_forward(
         x = self.final_layer_norm(x)
     if self.project_out is not None:
         x = self.project_out(x)
-    return BaseModelOutputWithPast(last_hidden_state=unpack(x, packing), cache=None)
+    # Only last_hidden_state: the cache field was renamed (past_key_values -> cache) in 5.x.
+    return BaseModelOutputWithPast(last_hidden_state=unpack(x, packing))
 
 
 def build(module: Any, ctx: PatchContext) -> None:
