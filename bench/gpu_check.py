@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("bench_flash2", "bench_sdpa", "bench_bnb")
+SECTIONS = ("bench_flash2", "bench_sdpa", "bench_bnb", "bench_compile")
 
 
 def environment() -> dict[str, Any]:

@@ -33,6 +33,13 @@ def make_check(family: str) -> Callable[[nn.Module, PatchContext], str | None]:
         reason = skip_reason(bnb, module, ctx.root, ctx.paths or ("",), facts, defaults=opts.skip_defaults)
         if reason is not None:
             return reason
+        if "forward" in module.__dict__ or hasattr(module, "_hf_hook"):
+            # Checked first: an offloaded layer's weight is on meta, and "load the weights" would mislead.
+            raise UnsupportedError(
+                "the layer is dispatched or offloaded by accelerate (its forward is wrapped on the instance); "
+                "quantize before dispatching the model (dispatch_model / cpu_offload / device_map), or load it "
+                "on one device"
+            )
         if module.weight.device.type == "meta" and not facts.has_loaded_weights:
             # A model built on the meta device (planning before loading, `patchkit plan`): the plan
             # is what apply would do once loaded; build refuses meta weights before changing anything.
@@ -43,11 +50,6 @@ def make_check(family: str) -> Callable[[nn.Module, PatchContext], str | None]:
         if family == "int8" and module.weight.detach().abs().max().item() > _FP16_MAX:
             # LLM.int8 quantizes through float16: larger weights would become inf.
             raise UnsupportedError("the weight exceeds the float16 range LLM.int8 quantizes through; use nf4 or fp4")
-        if "forward" in module.__dict__:
-            raise UnsupportedError(
-                "the layer's forward is overridden on the instance (accelerate device_map/offload hooks?); "
-                "quantize before dispatching the model, or load it on one device"
-            )
         return None
 
     return check

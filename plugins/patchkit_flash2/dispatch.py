@@ -141,6 +141,9 @@ def _eager_for(module: Any) -> Any:
     return fn
 
 
+# Not traced: the layout is host-side bookkeeping (a sync to read lengths, a cache keyed by tensor
+# identity); traced, dynamo guarded on those ids and recompiled on every call.
+@torch.compiler.disable
 def _layout(
     active: ActiveForward | None, mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, kwargs: dict[str, Any]
 ) -> L.Layout | None:

@@ -32,9 +32,27 @@ def same_code(fn: Any, reference: Any) -> bool:
     return ca is not None and cb is not None and _code_key(ca) == _code_key(cb)
 
 
-def method_differs(module: Any, reference_cls: type, name: str = "forward") -> str | None:
-    """``None`` when ``type(module).<name>`` has the reference's code and no instance override, else why not."""
-    if name in getattr(module, "__dict__", {}):
+def _accelerate_wrapped(module: Any, name: str) -> bool:
+    """accelerate's device hook: ``forward`` wraps ``_old_forward``, the class's own forward, bound to
+    this module. ``patchkit.share_as`` carries such a hook onto the replacement, so it is no obstacle."""
+    old = module.__dict__.get("_old_forward")
+    return (
+        name == "forward"
+        and hasattr(module, "_hf_hook")
+        and getattr(old, "__self__", None) is module
+        and getattr(old, "__func__", None) is getattr(type(module), name, None)
+    )
+
+
+def method_differs(
+    module: Any, reference_cls: type, name: str = "forward", *, allow_accelerate: bool = False
+) -> str | None:
+    """``None`` when ``type(module).<name>`` has the reference's code and no instance override, else why not.
+
+    ``allow_accelerate``: accept accelerate's device hook as the only override (for the module that is
+    replaced, whose hook travels with it; never for modules whose forward the packed path bypasses).
+    """
+    if name in getattr(module, "__dict__", {}) and not (allow_accelerate and _accelerate_wrapped(module, name)):
         return f"{type(module).__name__}.{name} is overridden on the instance"
     if not same_code(getattr(type(module), name, None), getattr(reference_cls, name)):
         return f"{type(module).__name__}.{name} differs from {reference_cls.__name__}.{name}"

@@ -59,6 +59,14 @@ def _reference() -> dict[str, type]:
     }
 
 
+def _no_own_tensors(module: Any) -> bool:
+    return not any(t is not None for t in (*module._parameters.values(), *module._buffers.values()))
+
+
+def _execution_devices(module: Any) -> set[str]:
+    return {str(getattr(m._hf_hook, "execution_device", None)) for m in module.modules() if hasattr(m, "_hf_hook")}
+
+
 def _layer_problems(layer: Any, ref: dict[str, type]) -> list[str]:
     att = layer.attention
     parts = {
@@ -69,7 +77,11 @@ def _layer_problems(layer: Any, ref: dict[str, type]) -> list[str]:
         "intermediate": layer.intermediate,
         "output": layer.output,
     }
-    problems = [p for key, mod in parts.items() if (p := method_differs(mod, ref[key]))]
+    # accelerate hooks on containers without tensors of their own only align inputs to the execution
+    # device; the packed path still calls every Linear/LayerNorm (and their hooks, which load weights).
+    problems = [
+        p for key, mod in parts.items() if (p := method_differs(mod, ref[key], allow_accelerate=_no_own_tensors(mod)))
+    ]
     if (p := method_differs(layer, ref["layer"], "feed_forward_chunk")) is not None:
         problems.append(p)
     if getattr(layer, "is_decoder", False) or getattr(att.self, "is_causal", False):
@@ -88,8 +100,13 @@ def check(module: Any, ctx: PatchContext) -> str | None:
         ref = _reference()
     except ImportError:
         return "transformers' BERT reference classes are not importable"
-    if (p := method_differs(module, ref["encoder"])) is not None:
+    if (p := method_differs(module, ref["encoder"], allow_accelerate=True)) is not None:
         return f"not a BERT-structured encoder: {p}"
+    if len(_execution_devices(module)) > 1:
+        raise UnsupportedError(
+            "accelerate spreads this encoder over several execution devices; the packed path runs it on one: "
+            "dispatch the encoder as one block (device_map) or leave it unpatched (strict=False)"
+        )
     config = getattr(module, "config", None)
     pos_type = getattr(config, "position_embedding_type", "absolute")
     if pos_type not in (None, "absolute"):
