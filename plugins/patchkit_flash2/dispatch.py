@@ -188,6 +188,24 @@ def _layout(
     return layout
 
 
+@torch.compiler.disable  # host-side cache lookups, like _layout
+def _layout_or_dense(
+    active: ActiveForward | None, mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, kwargs: dict[str, Any]
+) -> L.Layout:
+    """:func:`_layout`, or for full rows one dense layout cached per forward."""
+    layout = _layout(active, mask, q, k, kwargs)
+    if layout is not None:
+        return layout
+    dense_key = ("dense", q.shape[0], q.shape[2], k.shape[2])
+    cached = active.layouts.get(dense_key) if active is not None else None
+    if cached is not None and cached[1] is not None:
+        return cached[1]
+    layout = L.dense(q.shape[0], q.shape[2], k.shape[2], q.device)
+    if active is not None:
+        active.layouts[dense_key] = (None, layout)
+    return layout
+
+
 def varlen_attention(
     state: Flash2State,
     module: Any,
@@ -205,17 +223,7 @@ def varlen_attention(
 ) -> torch.Tensor:
     """Run ``state.backend`` on ``[B, H, T, D]`` tensors; returns ``[B, T, H, D]`` (zeros on padding)."""
     batch, heads, q_len, dim = query.shape
-    k_len = key.shape[2]
-    active = ACTIVE.get()
-    layout = _layout(active, mask, query, key, kwargs)
-    if layout is None:  # full rows: one cached dense layout per forward
-        dense_key = ("dense", batch, q_len, k_len)
-        cached = active.layouts.get(dense_key) if active is not None else None
-        layout = cached[1] if cached is not None else None
-        if layout is None:
-            layout = L.dense(batch, q_len, k_len, query.device)
-            if active is not None:
-                active.layouts[dense_key] = (None, layout)
+    layout = _layout_or_dense(ACTIVE.get(), mask, query, key, kwargs)
     window = (sliding_window - 1 if sliding_window else -1, 0 if causal else -1)
     out = state.backend.varlen(
         L.unpad(query, layout.q_index),
