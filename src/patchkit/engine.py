@@ -142,7 +142,7 @@ def _apply(
     registry: Registry,
     options: dict[str, Any],
 ) -> PatchReport:
-    _check_wrappers(model)
+    ddp = _check_wrappers(model)
     # Validate every stage up front, on the model as it is; nothing has changed if this raises.
     upfront = build_plan(model, stages, only=only, skip=skip, strict=strict, backend=backend, options=options,
                          registry=registry)
@@ -160,7 +160,7 @@ def _apply(
                 model, kind, family, select_patchers(registry, kind, family), only=only_p, skip=skip_p,
                 strict=strict, backend=backend, options=options, registry=registry,
             )
-            swaps += _run_stage(model, stage, journal, backend, options, registry, notes)
+            swaps += _run_stage(model, stage, journal, backend, options, registry, notes, ddp)
             layer.patchers.update({p.patcher_obj.name: p.patcher_obj for p in stage.patches})
             skipped += stage.skipped
         if first_layer:
@@ -185,11 +185,17 @@ def _apply(
 
 
 def _run_stage(
-    root: nn.Module, stage: Stage, journal: Journal, backend: str, options: Any, registry: Registry, notes: list[str]
+    root: nn.Module,
+    stage: Stage,
+    journal: Journal,
+    backend: str,
+    options: Any,
+    registry: Registry,
+    notes: list[str],
+    ddp: bool,
 ) -> list[Swap]:
     swaps: list[Swap] = []
     by_patcher: dict[str, tuple[Patcher, list[str]]] = {}
-    ddp = any(isinstance(m, DistributedDataParallel) for m in root.modules())
     for planned in stage.patches:
         patcher, node = planned.patcher_obj, planned.node
         ctx = PatchContext(root, patcher, paths=tuple(node.paths), options=options, backend=backend,
@@ -224,8 +230,9 @@ def _shares_parameters(original: nn.Module, replacement: nn.Module) -> bool:
     return all(id(p) in mine for p in replacement.parameters())
 
 
-def _check_wrappers(model: nn.Module) -> None:
-    """FSDP flattens and shards parameters: no module swap can be exact through it."""
+def _check_wrappers(model: nn.Module) -> bool:
+    """Refuse FSDP (it flattens and shards parameters: no module swap can be exact through it);
+    return whether DDP wraps the model (then replacements must keep the parameters DDP registered)."""
     fsdp_types: tuple[type, ...] = ()
     try:
         from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
@@ -233,12 +240,15 @@ def _check_wrappers(model: nn.Module) -> None:
         fsdp_types = (FullyShardedDataParallel, FSDPModule)
     except ImportError:  # torch built without distributed
         pass
+    ddp = False
     for module in model.modules():
         if fsdp_types and isinstance(module, fsdp_types):
             raise UnsupportedError(
                 f"{type(module).__name__} at the model's root or inside it shards parameters; patchkit cannot swap "
                 "modules through it: patch the model before wrapping it in FSDP"
             )
+        ddp = ddp or isinstance(module, DistributedDataParallel)
+    return ddp
 
 
 def _restorer(patcher: Patcher, original: nn.Module, replacement: nn.Module, ctx: PatchContext) -> Any:
@@ -358,7 +368,7 @@ def _guard_saving(model: nn.Module, journal: Journal) -> None:
     """Make save_pretrained / push_to_hub raise until reverse, on the model and on every module inside
     it that has them (the inner model of a torch.compile / DDP / PEFT wrapper, a base model). The
     guard is a journaled instance attribute: reverse deletes it and the class method shows through."""
-    for module in {id(m): m for m in model.modules()}.values():
+    for module in model.modules():  # modules() yields each shared module once
         for name in GUARDED_METHODS:
             if callable(getattr(type(module), name, None)):
                 journal.set_attr(module, name, _refuse(name, module, model))

@@ -180,7 +180,7 @@ def plan_stage(
 
     for node in walk(root):
         module = node.module
-        candidates = [p for p in patchers if _matches(p, module, node.paths[0], root)]
+        candidates = [p for p in patchers if p.matches(module, node.paths[0], root)]
         if not candidates or all(inside_taken(path) for path in node.paths):
             continue
         path = node.paths[0]
@@ -201,10 +201,6 @@ def plan_stage(
         stage.patches.append(PlannedPatch(list(node.paths), cls, chosen.name, chosen.plugin, kind, node, chosen))
         taken.update(node.paths)
     return stage
-
-
-def _matches(patcher: Patcher, module: nn.Module, path: str, root: nn.Module) -> bool:
-    return patcher.matches(module, path, root)
 
 
 def _choose(
