@@ -33,8 +33,15 @@ def registry() -> patchkit.Registry:
 
     @patchkit.hookimpl
     def register_patchers(register):
-        register(patchkit.Patcher(name="bench-linear", kind="other", family="bench", match=nn.Linear,
-                                  build=lambda m, ctx: patchkit.share_as(m, SharedLinear)))
+        register(
+            patchkit.Patcher(
+                name="bench-linear",
+                kind="other",
+                family="bench",
+                match=nn.Linear,
+                build=lambda m, ctx: patchkit.share_as(m, SharedLinear),
+            )
+        )
 
     plugin.register_patchers = register_patchers  # type: ignore[attr-defined]
     reg = patchkit.Registry()
@@ -82,7 +89,9 @@ def main() -> None:
     rows = [measure(f, 3 if args.quick else 9, reg) for f in (1, 2, 4)]
     print(f"{'layers':>7} {'linears':>8} {'plan ms':>9} {'apply ms':>9} {'reverse ms':>11}")
     for row in rows:
-        print(f"{row['layers']:>7} {row['linears']:>8} {row['plan']:>9.1f} {row['apply']:>9.1f} {row['reverse']:>11.1f}")
+        print(
+            f"{row['layers']:>7} {row['linears']:>8} {row['plan']:>9.1f} {row['apply']:>9.1f} {row['reverse']:>11.1f}"
+        )
     for key in ("apply", "reverse"):
         growth = [rows[i + 1][key] / rows[i][key] for i in range(2)]
         print(f"{key}: growth per doubling of depth {growth[0]:.2f}x, {growth[1]:.2f}x (linear = 2.00x)")

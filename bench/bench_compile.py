@@ -72,8 +72,11 @@ def _alternate(fns: dict[str, Callable[[], Any]], runs: int, warmup: int, device
 def _bert(small: bool, device: str, dtype: torch.dtype) -> tuple[Any, Any, dict[str, Any], int, Callable]:
     from transformers import BertConfig, BertModel
 
-    size = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64) if small else \
-        dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)  # MiniLM-L6
+    size = (
+        dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+        if small
+        else dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+    )  # MiniLM-L6
     cfg = BertConfig(vocab_size=1000, max_position_embeddings=512, **size)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -86,9 +89,13 @@ def _bert(small: bool, device: str, dtype: torch.dtype) -> tuple[Any, Any, dict[
 def _llama(small: bool, device: str, dtype: torch.dtype) -> tuple[Any, Any, dict[str, Any], int, Callable]:
     from transformers import LlamaConfig, LlamaModel
 
-    size = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2) if small else \
-        dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
+    size = (
+        dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        if small
+        else dict(
+            hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4
+        )
+    )
     cfg = LlamaConfig(vocab_size=1000, use_cache=False, pad_token_id=0, attn_implementation="sdpa", **size)
     torch.manual_seed(0)
     base = LlamaModel(cfg).to(device, dtype).eval()
@@ -101,8 +108,15 @@ def _llama(small: bool, device: str, dtype: torch.dtype) -> tuple[Any, Any, dict
 CASES = {"bert-sdpa": _bert, "llama-flash2": _llama}
 
 
-def run_case(name: str, small: bool, padding: float, backend: str, device: str = "cpu",
-             dtype: torch.dtype = torch.float32, runs: int = 5) -> dict[str, Any]:
+def run_case(
+    name: str,
+    small: bool,
+    padding: float,
+    backend: str,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    runs: int = 5,
+) -> dict[str, Any]:
     """Time eager/compiled x unpatched/patched for one case; report medians, ratios and max |diff| (valid tokens)."""
     base, patched, extra, vocab, out = CASES[name](small, device, dtype)
     shape = (4, 32) if small else (16, 256)
@@ -131,8 +145,13 @@ def run_case(name: str, small: bool, padding: float, backend: str, device: str =
         valid = batch["attention_mask"].bool()
         diff = (out(c_patched(**batch)).float() - out(base(**batch)).float())[valid].abs().max().item()
     return {
-        "case": name, "backend": backend, "device": device, "dtype": str(dtype).removeprefix("torch."),
-        "batch": list(shape), "padding": padding, **extra,
+        "case": name,
+        "backend": backend,
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch": list(shape),
+        "padding": padding,
+        **extra,
         "first_call_s": {"compiled_base": round(compile_base, 2), "compiled_patched": round(compile_patched, 2)},
         "median_s": {k: round(v, 5) for k, v in med.items()},
         "compiled_patched_vs_compiled_base": round(med["compiled_base"] / med["compiled_patched"], 3),
@@ -146,9 +165,11 @@ def _table(results: list[dict[str, Any]]) -> str:
     rows = [head]
     for r in results:
         m = r["median_s"]
-        rows.append(f"{r['case']:<14} {r['padding']:.0%}  {m['eager_base']:>10.4f}  {m['eager_patched']:>13.4f}  "
-                    f"{m['compiled_base']:>13.4f}  {m['compiled_patched']:>16.4f}  "
-                    f"{r['compiled_patched_vs_compiled_base']:>6.2f}x  {r['max_abs_diff_valid']:.1e}")
+        rows.append(
+            f"{r['case']:<14} {r['padding']:.0%}  {m['eager_base']:>10.4f}  {m['eager_patched']:>13.4f}  "
+            f"{m['compiled_base']:>13.4f}  {m['compiled_patched']:>16.4f}  "
+            f"{r['compiled_patched_vs_compiled_base']:>6.2f}x  {r['max_abs_diff_valid']:.1e}"
+        )
     return "\n".join(rows)
 
 
@@ -160,8 +181,17 @@ def gpu_checks(small: bool) -> dict[str, Any]:
     for name, dtype in (("bert-sdpa", torch.float16), ("llama-flash2", torch.bfloat16)):
         for padding in (0.0, 0.5):
             try:
-                results.append(run_case(name, small, padding, "inductor" if cuda else "aot_eager", device,
-                                        dtype if cuda else torch.float32, runs=5 if cuda else 2))
+                results.append(
+                    run_case(
+                        name,
+                        small,
+                        padding,
+                        "inductor" if cuda else "aot_eager",
+                        device,
+                        dtype if cuda else torch.float32,
+                        runs=5 if cuda else 2,
+                    )
+                )
             except Exception as exc:  # one failing case must not hide the others
                 results.append({"case": name, "padding": padding, "error": f"{type(exc).__name__}: {exc}"})
     card = torch.cuda.get_device_name(0) if cuda else "CPU dry run"

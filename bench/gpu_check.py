@@ -51,7 +51,8 @@ def run_pytest_cuda(out: Path) -> dict[str, Any]:
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", str(HERE.parent / "tests")],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     (out / "pytest_cuda.txt").write_text(proc.stdout + proc.stderr)
     tail = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]

@@ -18,8 +18,19 @@ EXAMPLE_PLUGIN = ROOT / "docs" / "example-plugin"
 def pip_install_target(project: Path, target: Path) -> None:
     """Install ``project`` for real (offline, no deps) into ``target``."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(target), str(project)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(project),
+        ],
         check=True,
     )
 
@@ -73,7 +84,7 @@ BROKEN = {
 def broken_plugins_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One real distribution whose entry points are broken in every way a plugin can be."""
     project = tmp_path_factory.mktemp("broken-src")
-    eps = "\n".join(f"{name.removeprefix('pk_')} = \"{name}\"" for name in BROKEN)
+    eps = "\n".join(f'{name.removeprefix("pk_")} = "{name}"' for name in BROKEN)
     (project / "pyproject.toml").write_text(
         textwrap.dedent(
             """

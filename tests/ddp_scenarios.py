@@ -63,7 +63,7 @@ def padded_tokens(step: int, vocab: int, length: int = 8) -> tuple[torch.Tensor,
     """Rows 0 and 2 full, rows 1 and 3 right-padded by 3: each half has the same valid-token count."""
     g = torch.Generator().manual_seed(100 + step)
     mask = torch.ones(BATCH, length, dtype=torch.long)
-    mask[1::2, length - 3:] = 0
+    mask[1::2, length - 3 :] = 0
     ids = torch.randint(1, vocab, (BATCH, length), generator=g) * mask
     return ids, mask
 
@@ -72,8 +72,17 @@ def tiny_llama(**over: object) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, use_cache=False, pad_token_id=0, **over)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_cache=False,
+        pad_token_id=0,
+        **over,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -98,9 +107,17 @@ def bert_sdpa_scenario() -> Scenario:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                     max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                     num_labels=3)
+    cfg = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+    )
     cfg._attn_implementation = "eager"
     model = BertForSequenceClassification(cfg).train()
     patchkit.apply(model, attention="sdpa")
@@ -153,7 +170,7 @@ def train(scenario: str, rank: int, world: int) -> tuple[list[float], dict[str, 
     for step in range(STEPS):
         full = sc.batch(step)
         per = BATCH // world
-        part = {k: v[rank * per:(rank + 1) * per] for k, v in full.items()}
+        part = {k: v[rank * per : (rank + 1) * per] for k, v in full.items()}
         opt.zero_grad()
         loss = sc.loss(model, part)
         loss.backward()

@@ -60,12 +60,12 @@ def snapshot(model: nn.Module) -> dict[str, Any]:
     torch.save(model.state_dict(), buf)
     return {
         "modules": [(name, id(m), type(m)) for name, m in model.named_modules(remove_duplicate=False)],
-        "params": [(name, id(p), p.data_ptr(), p.requires_grad) for name, p in model.named_parameters(remove_duplicate=False)],
+        "params": [
+            (name, id(p), p.data_ptr(), p.requires_grad) for name, p in model.named_parameters(remove_duplicate=False)
+        ],
         "buffers": [(name, id(b)) for name, b in model.named_buffers(remove_duplicate=False)],
         "state": buf.getvalue(),
         "training": [m.training for m in model.modules()],
-        "hooks": [
-            (tuple(m._forward_hooks.values()), tuple(m._forward_pre_hooks.values())) for m in model.modules()
-        ],
+        "hooks": [(tuple(m._forward_hooks.values()), tuple(m._forward_pre_hooks.values())) for m in model.modules()],
         "dict_keys": [sorted(m.__dict__) for m in model.modules()],
     }

@@ -69,26 +69,51 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 def tiny_llama() -> nn.Module:
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager",
-                                   use_cache=False, pad_token_id=0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="eager",
+        use_cache=False,
+        pad_token_id=0,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def tiny_bert() -> nn.Module:
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0)
+    cfg = transformers.BertConfig(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     cfg._attn_implementation = "eager"
     return transformers.BertModel(cfg).eval()
 
 
 MODELS = {
     # name: (build, apply kwargs, output of a forward, a block-level device_map for dispatch_model)
-    "llama-flash2": (tiny_llama, dict(attention="flash2", backend="reference"), lambda o: o.logits,
-                     {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu",
-                      "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}),
+    "llama-flash2": (
+        tiny_llama,
+        dict(attention="flash2", backend="reference"),
+        lambda o: o.logits,
+        {
+            "model.embed_tokens": "cpu",
+            "model.layers.0": "disk",
+            "model.layers.1": "cpu",
+            "model.norm": "cpu",
+            "model.rotary_emb": "cpu",
+            "lm_head": "disk",
+        },
+    ),
     # BERT is dispatched leaf by leaf: see test_sdpa_patches_a_dispatched_encoder_block for why.
     "bert-sdpa": (tiny_bert, dict(attention="sdpa"), lambda o: o.last_hidden_state, None),
 }
@@ -117,8 +142,7 @@ def dispatch(model: nn.Module, mode: str, folder: str, block_map: dict | None, d
     device_map = dict(block_map) if block_map else leaf_device_map(model)
     if device != "cpu" and "model.layers.0" in device_map:
         device_map["model.layers.0"] = 0  # one decoder layer on the GPU itself, the rest offloaded
-    return accelerate.dispatch_model(model, device_map=device_map, offload_dir=folder,
-                                     main_device=device)
+    return accelerate.dispatch_model(model, device_map=device_map, offload_dir=folder, main_device=device)
 
 
 def hooks_of(model: nn.Module) -> dict[str, object]:
@@ -166,8 +190,9 @@ def test_real_plugins_under_accelerate(name, mode, tmp_path):
 
 
 def test_sdpa_patches_a_dispatched_encoder_block(tmp_path):
-    model = accelerate.dispatch_model(tiny_bert(), device_map={"embeddings": "cpu", "encoder": "disk", "pooler": "cpu"},
-                                      offload_dir=str(tmp_path))
+    model = accelerate.dispatch_model(
+        tiny_bert(), device_map={"embeddings": "cpu", "encoder": "disk", "pooler": "cpu"}, offload_dir=str(tmp_path)
+    )
     ids, mask = padded_batch()
     with torch.no_grad():
         before = model(ids, attention_mask=mask).last_hidden_state

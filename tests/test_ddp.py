@@ -24,8 +24,9 @@ def free_port() -> int:
 def ddp_results(tmp_path_factory):
     """One spawn of 2 gloo ranks runs every scenario (process start-up dominates on 2 cores)."""
     out = tmp_path_factory.mktemp("ddp")
-    mp.start_processes(worker, args=(2, sorted(SCENARIOS), free_port(), str(out)), nprocs=2, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        worker, args=(2, sorted(SCENARIOS), free_port(), str(out)), nprocs=2, join=True, start_method="spawn"
+    )
     return out
 
 
@@ -114,8 +115,17 @@ def test_real_attention_plugins_through_ddp_module_prefix(process_group):
     assert llama.config._attn_implementation == "eager" and not patchkit.is_patched(llama)
 
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    bert = BertModel(
+        BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
     encoder, ddp = bert.encoder, nn.parallel.DistributedDataParallel(bert)
     report = patchkit.apply(ddp, attention="sdpa", skip=["module.pooler"])
     assert [s.paths for s in report.swaps] == [["module.encoder"]]

@@ -159,8 +159,9 @@ def test_second_kind_extends_the_journal_and_reverse_undoes_both():
     class Marked(nn.Dropout):
         pass
 
-    drop = Patcher(name="drop", kind="quantize", family="q", match=nn.Dropout,
-                   build=lambda m, ctx: patchkit.share_as(m, Marked))
+    drop = Patcher(
+        name="drop", kind="quantize", family="q", match=nn.Dropout, build=lambda m, ctx: patchkit.share_as(m, Marked)
+    )
     registry = registry_with(attn, drop)
     model = small_model()
     before = snapshot(model)
@@ -178,14 +179,19 @@ def test_priority_decides_and_equal_priority_conflicts():
     class Other(nn.Linear):
         pass
 
-    high = Patcher(name="high", kind="other", family="scale", match=nn.Linear, priority=5,
-                   build=lambda m, ctx: patchkit.share_as(m, Other))
+    high = Patcher(
+        name="high",
+        kind="other",
+        family="scale",
+        match=nn.Linear,
+        priority=5,
+        build=lambda m, ctx: patchkit.share_as(m, Other),
+    )
     model = small_model()
     patchkit.apply(model, patch="scale", registry=registry_with(low, high))
     assert isinstance(model[0], Other)
     patchkit.reverse(model)
-    tie = Patcher(name="tie", kind="other", family="scale", match=nn.Linear, priority=0,
-                  build=lambda m, ctx: m)
+    tie = Patcher(name="tie", kind="other", family="scale", match=nn.Linear, priority=0, build=lambda m, ctx: m)
     with pytest.raises(ConflictError, match=r"'low'.*'tie'|'tie'.*'low'"):
         patchkit.apply(model, patch="scale", registry=registry_with(low, tie))
     assert type(model[0]) is nn.Linear
@@ -272,14 +278,20 @@ def test_reverse_refuses_when_a_patched_slot_was_wrapped_afterwards():
 
 
 def test_reverse_across_layers_that_replaced_each_others_modules():
-    outer = Patcher(name="outer", kind="attention", family="o", match=nn.Linear,
-                    build=lambda m, ctx: patchkit.share_as(m, ScaledLinear))
+    outer = Patcher(
+        name="outer",
+        kind="attention",
+        family="o",
+        match=nn.Linear,
+        build=lambda m, ctx: patchkit.share_as(m, ScaledLinear),
+    )
 
     class Twice(ScaledLinear):
         pass
 
-    inner = Patcher(name="inner", kind="quantize", family="i", match=ScaledLinear,
-                    build=lambda m, ctx: patchkit.share_as(m, Twice))
+    inner = Patcher(
+        name="inner", kind="quantize", family="i", match=ScaledLinear, build=lambda m, ctx: patchkit.share_as(m, Twice)
+    )
     registry = registry_with(outer, inner)
     model = small_model()
     before = snapshot(model)

@@ -17,7 +17,9 @@ leaf = st.sampled_from(["linear", "relu", "dropout"])
 def trees(max_leaves: int = 12):
     return st.recursive(
         leaf,
-        lambda children: st.tuples(st.sampled_from(["seq", "list", "dict"]), st.lists(children, min_size=1, max_size=4)),
+        lambda children: st.tuples(
+            st.sampled_from(["seq", "list", "dict"]), st.lists(children, min_size=1, max_size=4)
+        ),
         max_leaves=max_leaves,
     )
 
@@ -44,7 +46,7 @@ def build(spec, pool: list[nn.Module], share: list[bool]) -> nn.Module:
 def make(spec, share_bits, hook_bits) -> nn.Module:
     torch.manual_seed(0)
     root = nn.ModuleDict({"root": build(spec, [], list(share_bits))})
-    for module, bit in zip(root.modules(), hook_bits):
+    for module, bit in zip(root.modules(), hook_bits, strict=False):
         if bit:
             module.register_forward_hook(lambda m, i, o: o)
             module.register_forward_pre_hook(lambda m, i: None)
@@ -95,6 +97,8 @@ def test_patching_one_model_leaves_another_untouched(spec, share_bits):
     assert snapshot(b) == before_b
     x = torch.randn(2, 3)
     for la, lb in zip(
-        [m for m in a.modules() if isinstance(m, nn.Linear)], [m for m in b.modules() if isinstance(m, nn.Linear)]
+        [m for m in a.modules() if isinstance(m, nn.Linear)],
+        [m for m in b.modules() if isinstance(m, nn.Linear)],
+        strict=False,
     ):
         assert torch.allclose(la(x), 2 * lb(x))

@@ -11,8 +11,9 @@ import patchkit
 from patchkit import PluginError, Registry
 
 
-def test_example_plugin_from_docs_discovered_planned_applied_reversed(example_plugin_site, monkeypatch,
-                                                                       fresh_default_registry):
+def test_example_plugin_from_docs_discovered_planned_applied_reversed(
+    example_plugin_site, monkeypatch, fresh_default_registry
+):
     monkeypatch.syspath_prepend(str(example_plugin_site))
     info = {p.name: p for p in patchkit.plugins()}["nodropout"]
     assert info.status == "loaded" and info.version == "1.0.0" and info.patchers == ["nodropout"]
@@ -36,10 +37,9 @@ def test_first_party_plugins_use_the_same_entry_point_group():
 
     names = {ep.name: ep.value for ep in entry_points(group="patchkit")}
     assert {"flash2", "sdpa", "bnb"} <= set(names)
-    import sys
-
     # core never imports its plugins: a fresh interpreter importing patchkit loads none of them
     import subprocess
+    import sys
 
     code = "import patchkit, sys; print(sorted(m for m in sys.modules if m.startswith('patchkit_')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -121,8 +121,11 @@ def test_attention_backend_hook_registers_backends():
 
     @patchkit.hookimpl
     def register_attention_backends(register):
-        register(patchkit.AttentionBackend(name="mykernel", varlen=lambda *a, **k: None,
-                                           unavailable=lambda device, dtype, needs: None))
+        register(
+            patchkit.AttentionBackend(
+                name="mykernel", varlen=lambda *a, **k: None, unavailable=lambda device, dtype, needs: None
+            )
+        )
 
     module.register_attention_backends = register_attention_backends
     registry = Registry()

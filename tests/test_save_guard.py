@@ -17,8 +17,13 @@ transformers = pytest.importorskip("transformers")
 
 def tiny_llama() -> torch.nn.Module:
     config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=64, max_position_embeddings=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
     )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).eval()

@@ -88,19 +88,21 @@ def test_same_code_sees_through_names_but_not_changes() -> None:
     assert not same_code(f, h)
 
 
-def test_zero_row_skipping_head_equals_linear() -> None:
+@pytest.mark.parametrize("t", [5, 80])  # short runs: one gathered GEMM; long runs: a GEMM per run, in place
+@pytest.mark.parametrize("bias", [True, False])
+def test_zero_row_skipping_head_equals_linear(t: int, bias: bool) -> None:
     import types
 
     from patchkit_sdpa._head import skip_zero_rows_forward
     from torch import nn
 
     torch.manual_seed(0)
-    for bias in (True, False):
-        lin = nn.Linear(6, 11, bias=bias)
-        x = torch.randn(3, 5, 6)
-        x[0, 3:] = 0
-        x[2, :2] = 0
+    lin = nn.Linear(6, 11, bias=bias)
+    head = types.MethodType(skip_zero_rows_forward, lin)
+    x = torch.randn(3, t, 6)
+    x[0, 3:] = 0  # right padding
+    x[2, : t // 2] = 0  # left padding
+    for inp in (x, torch.zeros(2, t, 6), torch.randn(2, t, 6)):
         with torch.no_grad():
-            exp = lin(x)
-            got = types.MethodType(skip_zero_rows_forward, lin)(x)
-        assert torch.equal(got, exp)
+            exp, got = lin(inp), head(inp)
+        torch.testing.assert_close(got, exp, rtol=1e-6, atol=1e-6)

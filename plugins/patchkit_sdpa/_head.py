@@ -14,22 +14,50 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _runs(valid: torch.Tensor) -> list[tuple[int, int]]:
+    """``(start, end)`` of every run of consecutive True rows (one host sync)."""
+    edge = valid.new_zeros(1, dtype=torch.int8)
+    step = torch.diff(valid.to(torch.int8), prepend=edge, append=edge)
+    starts, ends = (step == 1).nonzero().squeeze(1), (step == -1).nonzero().squeeze(1)
+    return list(zip(starts.tolist(), ends.tolist(), strict=True))
+
+
+def _fill(rows: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if rows.shape[0]:
+        rows.copy_(bias.expand_as(rows)) if bias is not None else rows.zero_()
+
+
 def skip_zero_rows_forward(self: Any, input: torch.Tensor) -> torch.Tensor:
-    """``nn.Linear.forward`` computed only on rows of ``input`` that are not all zero."""
-    if input.requires_grad and torch.is_grad_enabled():
+    """``nn.Linear.forward`` computed only on rows of ``input`` that are not all zero.
+
+    Each run of non-zero rows (a sequence, once the packed decoder re-padded) is one GEMM written
+    straight into its rows of the output; only the gaps get the bias. Ragged masks with short
+    runs gather the rows into one GEMM instead.
+    """
+    if (input.requires_grad and torch.is_grad_enabled()) or torch.is_autocast_enabled(input.device.type):
         return nn.Linear.forward(self, input)
     flat = input.reshape(-1, input.shape[-1])
-    rows = flat.ne(0).any(dim=-1).nonzero().squeeze(1)
-    if rows.numel() == flat.shape[0]:
+    n = flat.shape[0]
+    valid = flat.ne(0).any(dim=-1)
+    runs = _runs(valid)
+    if runs == [(0, n)] or self.weight.dtype != input.dtype:
         return nn.Linear.forward(self, input)
-    out = F.linear(flat.index_select(0, rows), self.weight, self.bias)
-    full = out.new_empty(flat.shape[0], out.shape[-1])
-    if self.bias is not None:
-        full.copy_(self.bias.expand_as(full))
-    else:
-        full.zero_()
-    full.index_copy_(0, rows, out)
-    return full.view(*input.shape[:-1], out.shape[-1])
+    out = flat.new_empty(n, self.out_features)
+    if runs and sum(b - a for a, b in runs) < 32 * len(runs):  # short runs: one gathered GEMM beats many tiny ones
+        rows = valid.nonzero().squeeze(1)
+        _fill(out, self.bias)
+        out.index_copy_(0, rows, F.linear(flat.index_select(0, rows), self.weight, self.bias))
+        return out.view(*input.shape[:-1], self.out_features)
+    done = 0
+    for a, b in runs:
+        _fill(out[done:a], self.bias)
+        if self.bias is not None:
+            torch.addmm(self.bias, flat[a:b], self.weight.t(), out=out[a:b])
+        else:
+            torch.mm(flat[a:b], self.weight.t(), out=out[a:b])
+        done = b
+    _fill(out[done:], self.bias)
+    return out.view(*input.shape[:-1], self.out_features)
 
 
 def plain_linear_head(root: Any) -> nn.Linear | None:

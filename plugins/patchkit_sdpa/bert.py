@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from patchkit import PatchContext, UnsupportedError, share_as
 
+from ._inference import inference_ready, linear
 from ._masks import key_padding
 from ._packing import Packing, make_packing, pack, unpack, varlen_sdpa
 from ._runtime import capture_requested, unexpected_kwargs
@@ -158,6 +159,26 @@ def _layer_packed(layer: Any, x: torch.Tensor, packing: Packing) -> torch.Tensor
     return out.LayerNorm(out.dropout(out.dense(inter.intermediate_act_fn(inter.dense(h)))) + h)
 
 
+def _layer_inference(layer: Any, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """:func:`_layer_packed` for inference: fused GEMM epilogues (residual, GELU), dropout is off."""
+    att = layer.attention
+    sa, so = att.self, att.output
+    inter, out = layer.intermediate, layer.output
+    q, k, v = linear(sa.query, x), linear(sa.key, x), linear(sa.value, x)
+    a = varlen_sdpa(q, k, v, packing, sa.num_attention_heads, sa.attention_head_size, scale=sa.scaling, causal=False)
+    h = so.LayerNorm(linear(so.dense, a, residual=x))
+    i = linear(inter.dense, h, activation=inter.intermediate_act_fn)
+    return out.LayerNorm(linear(out.dense, i, residual=h))
+
+
+def _inference_ok(layer: Any, x: torch.Tensor) -> bool:
+    att = layer.attention
+    sa, so = att.self, att.output
+    linears = (sa.query, sa.key, sa.value, so.dense, layer.intermediate.dense, layer.output.dense)
+    others = (layer, sa.dropout, so.dropout, layer.output.dropout, layer.intermediate.intermediate_act_fn)
+    return inference_ready(linears, others, x)
+
+
 def encode_packed(encoder: Any, hidden_states: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """Run every layer of ``encoder`` on the valid tokens of ``hidden_states`` ``[B, T, C]``.
 
@@ -170,6 +191,8 @@ def encode_packed(encoder: Any, hidden_states: torch.Tensor, keep: torch.Tensor 
     for layer in encoder.layer:
         if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
             x = checkpoint(_layer_packed, layer, x, packing, use_reentrant=False)
+        elif _inference_ok(layer, x):
+            x = _layer_inference(layer, x, packing)
         else:
             x = _layer_packed(layer, x, packing)
     return unpack(x, packing)

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from patchkit import PatchContext, UnsupportedError
 
 from ._head import plain_linear_head, skip_zero_rows_forward
+from ._inference import inference_ready, linear
 from ._packing import Packing, make_packing, pack, unpack, varlen_sdpa
 from ._runtime import capture_requested, unexpected_kwargs
 from ._verify import foreign_hooks, method_differs
@@ -104,6 +105,28 @@ def _layer_packed(layer: Any, x: torch.Tensor, packing: Packing) -> torch.Tensor
     return h if pre else layer.final_layer_norm(h)
 
 
+def _layer_inference(layer: Any, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """:func:`_layer_packed` for inference: fused GEMM epilogues (residual, activation), dropout is off."""
+    attn = layer.self_attn
+    pre = layer.do_layer_norm_before
+    h = layer.self_attn_layer_norm(x) if pre else x
+    q = linear(attn.q_proj, h).mul_(attn.scaling)
+    k, v = linear(attn.k_proj, h), linear(attn.v_proj, h)
+    a = varlen_sdpa(q, k, v, packing, attn.num_heads, attn.head_dim, scale=1.0, causal=True)
+    h = linear(attn.out_proj, a, residual=x)
+    if not pre:
+        h = layer.self_attn_layer_norm(h)
+    f = layer.final_layer_norm(h) if pre else h
+    h = linear(layer.fc2, linear(layer.fc1, f, activation=layer.activation_fn), residual=h)
+    return h if pre else layer.final_layer_norm(h)
+
+
+def _inference_ok(layer: Any, x: torch.Tensor) -> bool:
+    attn = layer.self_attn
+    linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, layer.fc1, layer.fc2)
+    return inference_ready(linears, (layer, attn, layer.activation_fn), x)
+
+
 def _why_not_packed(
     decoder: Any,
     input_ids: Any,
@@ -178,6 +201,8 @@ def packed_forward(
     for layer in self.layers:
         if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
             x = checkpoint(_layer_packed, layer, x, packing, use_reentrant=False)
+        elif _inference_ok(layer, x):
+            x = _layer_inference(layer, x, packing)
         else:
             x = _layer_packed(layer, x, packing)
     if self.final_layer_norm is not None:

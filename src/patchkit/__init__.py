@@ -1,9 +1,9 @@
 """patchkit: patch PyTorch / Hugging Face models in place through plugins, and reverse exactly.
 
-    import patchkit
-    report = patchkit.apply(model, attention="sdpa")   # or quantize="int8", ...
-    print(report)
-    patchkit.reverse(model)                             # the original objects, back in place
+import patchkit
+report = patchkit.apply(model, attention="sdpa")   # or quantize="int8", ...
+print(report)
+patchkit.reverse(model)                             # the original objects, back in place
 """
 
 from __future__ import annotations

@@ -85,8 +85,10 @@ def run_demo(quick: bool = False) -> int:
     mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
     ids = torch.randint(1000, config.vocab_size, (batch, seq)) * mask
     padding = 1 - mask.float().mean().item()
-    print(f"model: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-          f"random init from an embedded config (all-MiniLM-L6-v2 shape); baseline = transformers' own SDPA")
+    print(
+        f"model: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"random init from an embedded config (all-MiniLM-L6-v2 shape); baseline = transformers' own SDPA"
+    )
     print(f"batch: {batch} x {seq} tokens, {padding:.0%} padding (right-padded)")
 
     def forward() -> torch.Tensor:
@@ -112,14 +114,18 @@ def run_demo(quick: bool = False) -> int:
         original_ms.append(_median_ms(forward, 1))
         patchkit.apply(model, attention="sdpa")
     p_ms, o_ms = statistics.median(patched_ms), statistics.median(original_ms)
-    print(f"speed: original {o_ms:.1f} ms, patched {p_ms:.1f} ms per forward -> speed-up {o_ms / p_ms:.2f}x "
-          f"(median of {repeats} alternating runs, {torch.get_num_threads()} threads)")
+    print(
+        f"speed: original {o_ms:.1f} ms, patched {p_ms:.1f} ms per forward -> speed-up {o_ms / p_ms:.2f}x "
+        f"(median of {repeats} alternating runs, {torch.get_num_threads()} threads)"
+    )
     if o_mem is not None and p_mem is not None:
         print(f"peak memory growth during a forward: original {o_mem:.0f} MiB, patched {p_mem:.0f} MiB")
     patchkit.reverse(model)
     exact = _fingerprint(model) == before and not patchkit.is_patched(model)
-    print(f"reverse restored the original exactly (same module and parameter objects, same bytes): "
-          f"{'yes' if exact else 'NO'}")
+    print(
+        f"reverse restored the original exactly (same module and parameter objects, same bytes): "
+        f"{'yes' if exact else 'NO'}"
+    )
     ok = exact and diff <= 1e-4
     print("demo OK" if ok else "demo FAILED")
     return 0 if ok else 1

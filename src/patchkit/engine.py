@@ -84,8 +84,17 @@ def plan(
     registry = registry or default_registry()
     stages = requested_stages(attention, quantize, patch)
     _check_not_applied(model, stages)
-    return build_plan(model, stages, only=only, skip=skip, strict=strict, backend=backend, options=options,
-                      registry=registry, dry_run=True)
+    return build_plan(
+        model,
+        stages,
+        only=only,
+        skip=skip,
+        strict=strict,
+        backend=backend,
+        options=options,
+        registry=registry,
+        dry_run=True,
+    )
 
 
 def apply(
@@ -144,8 +153,9 @@ def _apply(
 ) -> PatchReport:
     ddp = _check_wrappers(model)
     # Validate every stage up front, on the model as it is; nothing has changed if this raises.
-    upfront = build_plan(model, stages, only=only, skip=skip, strict=strict, backend=backend, options=options,
-                         registry=registry)
+    upfront = build_plan(
+        model, stages, only=only, skip=skip, strict=strict, backend=backend, options=options, registry=registry
+    )
     holder, journal = _journal_for(model)
     first_layer = not journal.layers
     layer = journal.begin({_stage_key(k, f): f for k, f in stages})
@@ -156,9 +166,21 @@ def _apply(
         only_p, skip_p = compile_patterns(only), compile_patterns(skip)
         for index, (kind, family) in enumerate(stages):
             # Later stages are re-planned on the tree as the previous stage left it.
-            stage = upfront.stages[0] if index == 0 else plan_stage(
-                model, kind, family, select_patchers(registry, kind, family), only=only_p, skip=skip_p,
-                strict=strict, backend=backend, options=options, registry=registry,
+            stage = (
+                upfront.stages[0]
+                if index == 0
+                else plan_stage(
+                    model,
+                    kind,
+                    family,
+                    select_patchers(registry, kind, family),
+                    only=only_p,
+                    skip=skip_p,
+                    strict=strict,
+                    backend=backend,
+                    options=options,
+                    registry=registry,
+                )
             )
             swaps += _run_stage(model, stage, journal, backend, options, registry, notes, ddp)
             layer.patchers.update({p.patcher_obj.name: p.patcher_obj for p in stage.patches})
@@ -198,8 +220,9 @@ def _run_stage(
     by_patcher: dict[str, tuple[Patcher, list[str]]] = {}
     for planned in stage.patches:
         patcher, node = planned.patcher_obj, planned.node
-        ctx = PatchContext(root, patcher, paths=tuple(node.paths), options=options, backend=backend,
-                           journal=journal, registry=registry)
+        ctx = PatchContext(
+            root, patcher, paths=tuple(node.paths), options=options, backend=backend, journal=journal, registry=registry
+        )
         replacement = patcher.build(node.module, ctx)
         if replacement is None:
             new_class = type(node.module).__name__ + " (in place)"
@@ -218,8 +241,15 @@ def _run_stage(
         by_patcher.setdefault(patcher.name, (patcher, []))[1].extend(node.paths)
     for patcher, paths in by_patcher.values():
         if patcher.setup is not None:
-            ctx = PatchContext(root, patcher, options=options, backend=backend, journal=journal,
-                               selected=tuple(paths), registry=registry)
+            ctx = PatchContext(
+                root,
+                patcher,
+                options=options,
+                backend=backend,
+                journal=journal,
+                selected=tuple(paths),
+                registry=registry,
+            )
             patcher.setup(root, ctx)
             notes += [f"{patcher.name}: {note}" for note in ctx.notes]
     return swaps

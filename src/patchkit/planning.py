@@ -220,8 +220,9 @@ def _choose(
     for patcher in candidates:
         if chosen is not None and patcher.priority < chosen.priority:
             break
-        ctx = PatchContext(root, patcher, paths=tuple(node.paths), options=options, backend=backend, registry=registry,
-                           dry_run=dry_run)
+        ctx = PatchContext(
+            root, patcher, paths=tuple(node.paths), options=options, backend=backend, registry=registry, dry_run=dry_run
+        )
         try:
             check_requirements(patcher, module)
             reason = patcher.check(module, ctx) if patcher.check is not None else None
@@ -279,8 +280,17 @@ def build_plan(
     for kind, family in stages:
         patchers = select_patchers(registry, kind, family)
         stage = plan_stage(
-            root, kind, family, patchers, only=only_p, skip=skip_p, strict=strict, backend=backend,
-            options=options, registry=registry, dry_run=dry_run,
+            root,
+            kind,
+            family,
+            patchers,
+            only=only_p,
+            skip=skip_p,
+            strict=strict,
+            backend=backend,
+            options=options,
+            registry=registry,
+            dry_run=dry_run,
         )
         if strict and not stage.patches:
             why = "; ".join(f"{s.path}: {s.reason}" for s in stage.skipped[:3])

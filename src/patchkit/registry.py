@@ -101,9 +101,7 @@ class Registry:
             if ep.name in self._infos:
                 continue
             if ep.name in disabled:
-                self._infos[ep.name] = PluginInfo(
-                    ep.name, version, "skipped", "disabled by PATCHKIT_DISABLE_PLUGINS"
-                )
+                self._infos[ep.name] = PluginInfo(ep.name, version, "skipped", "disabled by PATCHKIT_DISABLE_PLUGINS")
                 continue
             try:
                 plugin = ep.load()
@@ -248,5 +246,4 @@ __all__ = [
     "Registry",
     "default_registry",
     "reset_default_registry",
-
 ]
