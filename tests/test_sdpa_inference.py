@@ -192,3 +192,15 @@ def test_float64_models_skip_onednn_and_stay_exact() -> None:
         want = eager(input_ids=ids, attention_mask=mask).last_hidden_state
     assert ONEDNN not in used
     assert valid_diff(got, want, mask) <= 1e-12
+
+
+def test_jit_tracing_records_the_portable_module_path() -> None:
+    _, fast = _bert_pair()
+    h = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        want = fast.encoder(h).last_hidden_state
+        traced = torch.jit.trace(fast.encoder, (h,), strict=False, check_trace=False)
+        got = traced(h)
+    graph = str(traced.inlined_graph)
+    assert "aten::linear" in graph and "mkldnn" not in graph
+    torch.testing.assert_close(got["last_hidden_state"], want, rtol=1e-5, atol=1e-5)

@@ -47,7 +47,9 @@ def inference_ready(linears: Iterable[Any], others: Iterable[Any], x: torch.Tens
 
     ``others`` are the dropouts / activations the fused path also bypasses.
     """
-    if any(getattr(_module_globals, g, None) for g in _GLOBAL_HOOKS) or torch.compiler.is_compiling():
+    if any(getattr(_module_globals, g, None) for g in _GLOBAL_HOOKS):
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # graphs get the portable module path
         return False
     linears = list(linears)
     if not all(plain_linear(m) and not m.training for m in linears):
