@@ -204,3 +204,13 @@ def test_jit_tracing_records_the_portable_module_path() -> None:
     graph = str(traced.inlined_graph)
     assert "aten::linear" in graph and "mkldnn" not in graph
     torch.testing.assert_close(got["last_hidden_state"], want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_non_contiguous_weight_still_gives_the_module_result() -> None:
+    torch.manual_seed(0)
+    m = nn.Linear(8, 12).eval()
+    m.weight = nn.Parameter(torch.randn(8, 12).t())  # a transposed view, as some conversions leave it
+    x, r = torch.randn(5, 8), torch.randn(5, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(m, x, residual=r), m(x) + r, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(linear(m, x, activation=nn.ReLU()), m(x).relu(), rtol=1e-5, atol=1e-5)
