@@ -90,6 +90,13 @@ def test_plain_linear_excludes_subclasses_hooks_and_overrides() -> None:
     overridden.forward = lambda x: x  # type: ignore[method-assign]
     assert not plain_linear(overridden)
 
+    class TaggedParameter(nn.Parameter):  # stands for a tensor-subclass weight (torchao, DTensor, ...)
+        pass
+
+    subclassed = nn.Linear(2, 2)
+    subclassed.weight = TaggedParameter(subclassed.weight.detach().clone())
+    assert not plain_linear(subclassed)
+
 
 def test_inference_ready_needs_eval_and_no_autograd() -> None:
     m, x = nn.Linear(4, 4).eval(), torch.randn(2, 4)
