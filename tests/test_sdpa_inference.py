@@ -221,3 +221,16 @@ def test_a_non_contiguous_weight_still_gives_the_module_result() -> None:
     with torch.no_grad():
         torch.testing.assert_close(linear(m, x, residual=r), m(x) + r, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(linear(m, x, activation=nn.ReLU()), m(x).relu(), rtol=1e-5, atol=1e-5)
+
+
+def test_an_activation_is_fused_by_its_class_not_its_name() -> None:
+    class GELUActivation(nn.Module):  # same name as transformers' class, different function
+        act = torch.nn.functional.gelu
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(x)
+
+    assert fusable_activation(GELUActivation()) is None
+    m, x = nn.Linear(6, 6).eval(), torch.randn(3, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(m, x, activation=GELUActivation()), torch.sigmoid(m(x)))

@@ -16,6 +16,7 @@ tensor-subclass weight sends the whole layer through its modules, as does traini
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -67,9 +68,18 @@ def fusable_activation(act: Any) -> str | None:
         return "relu"
     if type(act) is nn.GELU and act.approximate == "none":
         return "gelu"
-    if type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is F.gelu:  # transformers' "gelu"
+    if type(act) is _transformers_gelu() and getattr(act, "act", None) is F.gelu:  # ACT2FN["gelu"]
         return "gelu"
     return None
+
+
+@functools.cache
+def _transformers_gelu() -> type | None:
+    try:
+        from transformers.activations import GELUActivation
+    except ImportError:
+        return None
+    return GELUActivation
 
 
 def _onednn(x: torch.Tensor, module: nn.Linear) -> bool:
