@@ -234,3 +234,18 @@ def test_an_activation_is_fused_by_its_class_not_its_name() -> None:
     m, x = nn.Linear(6, 6).eval(), torch.randn(3, 6)
     with torch.no_grad():
         torch.testing.assert_close(linear(m, x, activation=GELUActivation()), torch.sigmoid(m(x)))
+
+
+def test_the_fast_path_survives_a_call_that_captured_hidden_states() -> None:
+    eager, fast = _bert_pair()
+    ids, mask = batch("right")
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="hidden states"):
+            fast(input_ids=ids, attention_mask=mask, output_hidden_states=True)  # installs capture hooks
+        assert fast.encoder.layer[0]._forward_hooks  # transformers leaves them in place
+        used = ops_of(lambda: fast(input_ids=ids, attention_mask=mask))
+        got = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+        want = eager(input_ids=ids, attention_mask=mask).last_hidden_state
+    if torch.backends.mkldnn.is_available():
+        assert ONEDNN in used
+    assert valid_diff(got, want, mask) <= 1e-5

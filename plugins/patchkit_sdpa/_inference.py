@@ -25,12 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_globals
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+from ._verify import foreign_hooks
+
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks")
 
 
 def _no_hooks(module: nn.Module) -> bool:
-    return not any(getattr(module, d, None) for d in _HOOK_DICTS) and "forward" not in module.__dict__
+    # transformers' inert output-capture hooks stay installed after one output_hidden_states call;
+    # a call that does capture falls back before any layer runs (capture_requested).
+    return not foreign_hooks(module) and "forward" not in module.__dict__
 
 
 def plain_linear(module: Any) -> bool:
