@@ -8,12 +8,14 @@ score is ever computed against a padding key: the result equals the masked dense
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,31 @@ def unpack(x: torch.Tensor, packing: Packing) -> torch.Tensor:
         return x.reshape(packing.batch, packing.length, x.shape[-1])
     out = x.new_zeros(packing.batch * packing.length, x.shape[-1]).index_copy(0, packing.index, x)
     return out.view(packing.batch, packing.length, x.shape[-1])
+
+
+LayerFn = Callable[[Any, torch.Tensor, Packing], torch.Tensor]
+
+
+def run_layers(
+    layers: Iterable[Any],
+    x: torch.Tensor,
+    packing: Packing,
+    *,
+    packed: LayerFn,
+    inference: LayerFn,
+    inference_ok: Callable[[Any, torch.Tensor], bool],
+) -> torch.Tensor:
+    """Run ``layers`` on packed tokens ``x``, choosing per layer: ``packed`` under gradient
+    checkpointing (``model.gradient_checkpointing_enable()``, honoured while training), the fused
+    ``inference`` kernels where ``inference_ok``, the module-calling ``packed`` path otherwise."""
+    for layer in layers:
+        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+            x = checkpoint(packed, layer, x, packing, use_reentrant=False)
+        elif inference_ok(layer, x):
+            x = inference(layer, x, packing)
+        else:
+            x = packed(layer, x, packing)
+    return x
 
 
 @lru_cache(maxsize=1)

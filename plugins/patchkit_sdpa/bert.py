@@ -16,13 +16,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from patchkit import PatchContext, UnsupportedError, share_as
 
 from ._inference import inference_ready, linear
 from ._masks import key_padding
-from ._packing import Packing, make_packing, pack, unpack, varlen_sdpa
+from ._packing import Packing, make_packing, pack, run_layers, unpack, varlen_sdpa
 from ._runtime import capture_requested, unexpected_kwargs
 from ._verify import foreign_hooks, method_differs
 
@@ -188,13 +187,9 @@ def encode_packed(encoder: Any, hidden_states: torch.Tensor, keep: torch.Tensor 
     b, t, _ = hidden_states.shape
     packing = make_packing(keep, b, t, hidden_states.device)
     x = pack(hidden_states, packing)
-    for layer in encoder.layer:
-        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
-            x = checkpoint(_layer_packed, layer, x, packing, use_reentrant=False)
-        elif _inference_ok(layer, x):
-            x = _layer_inference(layer, x, packing)
-        else:
-            x = _layer_packed(layer, x, packing)
+    x = run_layers(
+        encoder.layer, x, packing, packed=_layer_packed, inference=_layer_inference, inference_ok=_inference_ok
+    )
     return unpack(x, packing)
 
 

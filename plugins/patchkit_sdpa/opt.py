@@ -19,13 +19,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from patchkit import PatchContext, UnsupportedError
 
 from ._head import plain_linear_head, skip_zero_rows_forward
 from ._inference import inference_ready, linear
-from ._packing import Packing, make_packing, pack, unpack, varlen_sdpa
+from ._packing import Packing, make_packing, pack, run_layers, unpack, varlen_sdpa
 from ._runtime import capture_requested, unexpected_kwargs
 from ._verify import foreign_hooks, method_differs
 
@@ -198,13 +197,9 @@ def packed_forward(
     hidden = inputs_embeds + self.embed_positions(mask.long(), 0).to(inputs_embeds.device)  # the user's module
     packing = make_packing(mask.bool() if attention_mask is not None else None, b, t, hidden.device)
     x = pack(hidden, packing)
-    for layer in self.layers:
-        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
-            x = checkpoint(_layer_packed, layer, x, packing, use_reentrant=False)
-        elif _inference_ok(layer, x):
-            x = _layer_inference(layer, x, packing)
-        else:
-            x = _layer_packed(layer, x, packing)
+    x = run_layers(
+        self.layers, x, packing, packed=_layer_packed, inference=_layer_inference, inference_ok=_inference_ok
+    )
     if self.final_layer_norm is not None:
         x = self.final_layer_norm(x)
     if self.project_out is not None:
