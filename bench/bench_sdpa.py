@@ -83,6 +83,15 @@ def _ready(model: Any, device: str, dtype: torch.dtype) -> Any:
     return model.to(device=device, dtype=dtype).eval()
 
 
+def _random_twins(cls: Any, cfg: Any, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Two ``cls(cfg)`` models with the same random weights and transformers' SDPA, ready to compare."""
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    base, fast = cls(cfg), cls(cfg)
+    fast.load_state_dict(base.state_dict())
+    return _ready(base, device, dtype), _ready(fast, device, dtype)
+
+
 def _bert_models(small: bool, device: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
     from transformers import BertConfig, BertModel
 
@@ -94,11 +103,7 @@ def _bert_models(small: bool, device: str, dtype: torch.dtype) -> tuple[Any, Any
             num_attention_heads=4,
             intermediate_size=128,
         )
-        cfg._attn_implementation = "sdpa"
-        torch.manual_seed(0)
-        base = BertModel(cfg)
-        fast = BertModel(cfg)
-        fast.load_state_dict(base.state_dict())
+        base, fast = _random_twins(BertModel, cfg, device, dtype)
         name = "tiny BERT (random init)"
     else:
         try:
@@ -106,17 +111,14 @@ def _bert_models(small: bool, device: str, dtype: torch.dtype) -> tuple[Any, Any
         except ImportError:  # e.g. the GPU machine, which has no package registry: same shape, random init
             path = None
         if path is not None:
-            base = BertModel.from_pretrained(path, attn_implementation="sdpa")
-            fast = BertModel.from_pretrained(path, attn_implementation="sdpa")
+            base = _ready(BertModel.from_pretrained(path, attn_implementation="sdpa"), device, dtype)
+            fast = _ready(BertModel.from_pretrained(path, attn_implementation="sdpa"), device, dtype)
             name = "all-MiniLM-L6-v2"
         else:
             cfg = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
-            cfg._attn_implementation = "sdpa"
-            torch.manual_seed(0)
-            base, fast = BertModel(cfg), BertModel(cfg)
-            fast.load_state_dict(base.state_dict())
+            base, fast = _random_twins(BertModel, cfg, device, dtype)
             name = "MiniLM-L6 shape (random init)"
-    return _ready(base, device, dtype), _ready(fast, device, dtype), name
+    return base, fast, name
 
 
 def _opt_models(small: bool, device: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
@@ -144,12 +146,8 @@ def _opt_models(small: bool, device: str, dtype: torch.dtype) -> tuple[Any, Any,
             word_embed_proj_dim=768,
         )
         name = "OPT-125m shape (random init)"
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    base = OPTForCausalLM(cfg)
-    fast = OPTForCausalLM(cfg)
-    fast.load_state_dict(base.state_dict())
-    return _ready(base, device, dtype), _ready(fast, device, dtype), name
+    base, fast = _random_twins(OPTForCausalLM, cfg, device, dtype)
+    return base, fast, name
 
 
 def _case(
@@ -241,11 +239,7 @@ def bert_base_cases(small: bool, device: str, dtype: torch.dtype, runs: int) -> 
 
     dims = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128) if small else {}
     cfg = BertConfig(vocab_size=1000 if small else 30522, **dims)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    base, fast = BertModel(cfg), BertModel(cfg)
-    fast.load_state_dict(base.state_dict())
-    base, fast = _ready(base, device, dtype), _ready(fast, device, dtype)
+    base, fast = _random_twins(BertModel, cfg, device, dtype)
     import patchkit
 
     patchkit.apply(fast, attention="sdpa")
