@@ -3,7 +3,7 @@ arguments they do not understand?"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 
@@ -18,14 +18,14 @@ def capture_requested() -> bool:
     return bool(collected)
 
 
-def unexpected_kwargs(kwargs: Mapping[str, Any], ignorable: Iterable[str]) -> list[str]:
+def unexpected_kwargs(kwargs: Mapping[str, Any], ignorable: Collection[str]) -> list[str]:
     """Names of kwargs with a truthy value that the packed path would otherwise drop silently."""
-    allowed = set(ignorable)
+    # No set(ignorable) here: torch 2.11's dynamo asserts on set() of a module-global set.
     out = []
     for key, value in kwargs.items():
         if value is None or value is False:
             continue
-        if key in allowed and key not in ("output_attentions", "output_hidden_states", "use_cache"):
+        if key in ignorable and key not in ("output_attentions", "output_hidden_states", "use_cache"):
             continue
         out.append(key)
     return out

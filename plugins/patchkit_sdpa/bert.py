@@ -26,7 +26,7 @@ from ._runtime import capture_requested, unexpected_kwargs
 from ._verify import foreign_hooks, method_differs
 
 # kwargs the host passes to the encoder that the packed path may ignore when they are falsy/None.
-_IGNORABLE = {"position_ids", "output_attentions", "output_hidden_states", "return_dict", "use_cache"}
+_IGNORABLE = frozenset({"position_ids", "output_attentions", "output_hidden_states", "return_dict", "use_cache"})
 
 
 def looks_like_bert_encoder(module: nn.Module, path: str = "", root: nn.Module | None = None) -> bool:

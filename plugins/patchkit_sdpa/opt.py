@@ -28,7 +28,7 @@ from ._packing import Packing, make_packing, pack, run_layers, unpack, varlen_sd
 from ._runtime import capture_requested, unexpected_kwargs
 from ._verify import foreign_hooks, method_differs
 
-_IGNORABLE = {"output_attentions", "output_hidden_states", "return_dict", "use_cache"}
+_IGNORABLE = frozenset({"output_attentions", "output_hidden_states", "return_dict", "use_cache"})
 
 
 def looks_like_opt_decoder(module: nn.Module, path: str = "", root: nn.Module | None = None) -> bool:
