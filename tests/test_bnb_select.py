@@ -100,7 +100,7 @@ def test_float64_raises_before_any_change() -> None:
     assert_same_objects(model, snap)
     report = patchkit.apply(model, quantize="nf4", strict=False)  # strict=False: left alone, with the reason
     assert not report.swaps and all("float64" in s.reason for s in report.skipped if s.path != "lm_head")
-    patchkit.reverse(model)
+    assert not patchkit.is_patched(model)  # a no-op apply leaves no trace
 
 
 def test_meta_model_plans_but_does_not_apply() -> None:

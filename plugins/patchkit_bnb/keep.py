@@ -22,12 +22,3 @@ def keep_on_disk(weight: torch.Tensor, folder: str, path: str) -> str:
     name = os.path.join(folder, f"{path or 'root'}.{uuid.uuid4().hex[:12]}.safetensors")
     save_file({"weight": weight.detach().contiguous().cpu()}, name)
     return name
-
-
-def load_from_disk(name: str) -> torch.Tensor:
-    """Read a weight written by :func:`keep_on_disk` and delete the file."""
-    from safetensors.torch import load_file
-
-    tensor = load_file(name)["weight"]
-    os.remove(name)
-    return tensor

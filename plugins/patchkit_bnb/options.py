@@ -45,6 +45,21 @@ _DTYPE_NAMES = {
 _STORAGE = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
 
 
+OPTION_DOCS = {
+    "threshold": "int8: LLM.int8 outlier threshold (default 6.0; 0 disables the fp16 outlier path)",
+    "int8_cpu_kernel": "int8: 'dequant' (default) or 'llm_int8' for CPU inputs",
+    "compute_dtype": "4-bit: dtype of the matmul (default: the layer's dtype)",
+    "compress_statistics": "4-bit: double-quantize the block scales (default True)",
+    "double_quant": "alias of compress_statistics",
+    "quant_storage": "4-bit: dtype the packed values are stored in (default torch.uint8)",
+    "blocksize": "4-bit: values per absmax block (default 64)",
+    "keep_original": "None (free; reverse dequantizes), 'cpu' or a folder (reverse is bit-identical)",
+    "cpu_packing": "4-bit: allow bitsandbytes' AVX512-BF16 CPU repacking (default False)",
+    "skip_defaults": "leave lm_head, tied weights and _keep_in_fp32_modules full precision (default True)",
+    "has_fp16_weights": "not offered (refused with the reason)",
+}
+
+
 @dataclass(frozen=True)
 class Options:
     """Validated options for one quantizer call."""

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from torch import nn
 
 from patchkit import PatchContext, Patcher, Requirements, UnsupportedError
 
-from .options import read_options
-from .quantize import make_build
+from .options import OPTION_DOCS, read_options
+from .quantize import make_build, refuse_load
 from .reverse import restore
 from .runtime import load_bnb, unsupported_tensor
 from .selection import model_facts, skip_reason
@@ -29,7 +30,7 @@ def make_check(family: str) -> Callable[[nn.Module, PatchContext], str | None]:
         assert isinstance(module, nn.Linear)  # the match guarantees it
         bnb = load_bnb()
         opts = read_options(ctx)
-        facts = model_facts(ctx.root, ctx.options)
+        facts = model_facts(ctx)
         reason = skip_reason(bnb, module, ctx.root, ctx.paths or ("",), facts, defaults=opts.skip_defaults)
         if reason is not None:
             return reason
@@ -67,8 +68,19 @@ def make_setup(family: str) -> Callable[[nn.Module, PatchContext], None]:
     def setup(root: nn.Module, ctx: PatchContext) -> None:
         if ctx.selected:
             ctx.set_attr(root, flag, True)
+            # load_state_dict into the quantized model is refused before any module loads
+            # (recorded first: dropping a hook that was never added is harmless).
+            ctx.on_reverse(functools.partial(drop_load_guard, root), "load_state_dict guard removed")
+            root._register_load_state_dict_pre_hook(refuse_load)
 
     return setup
+
+
+def drop_load_guard(root: nn.Module) -> None:
+    """Reverse step: remove the root's :func:`refuse_load` pre-hook (if it was added)."""
+    hooks = root._load_state_dict_pre_hooks
+    for key in [k for k, hook in hooks.items() if getattr(hook, "hook", hook) is refuse_load]:
+        del hooks[key]
 
 
 def _save(model: nn.Module, path: object) -> None:
@@ -94,6 +106,7 @@ def make_patchers() -> list[Patcher]:
             # Requirements.packages reads package metadata for every candidate layer.
             requires=Requirements(),
             description=_DESCRIPTIONS[family],
+            options=OPTION_DOCS,
         )
         for family in ("int8", "fp4", "nf4")
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -10,16 +11,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from patchkit import PatchContext, UnsupportedError
+from patchkit import PatchContext, PatchedModelError, UnsupportedError
 
 from .dequantize import fourbit_weight, int8_weight
 from .keep import keep_in_ram, keep_on_disk
 from .options import Options, read_options
-from .record import RECORD_ATTR, QuantRecord
+from .record import DTYPE_MARKER, RECORD_ATTR, QuantRecord
 from .runtime import load_bnb, unsupported_tensor
-from .selection import shared_weight
+from .selection import model_facts, shared_weight
 
-# Forward/backward hooks the user put on the original layer keep firing on its replacement.
+# Forward/backward hooks: the replacement shares the original's dicts (the same objects), so a
+# hook added or removed on either while quantized is still added / removed after reverse.
 _HOOK_DICTS = (
     "_forward_hooks",
     "_forward_hooks_with_kwargs",
@@ -34,8 +36,7 @@ _HOOK_DICTS = (
 def _int8_layer(bnb: ModuleType, module: nn.Linear, weight: torch.Tensor, opts: Options) -> Any:
     from .int8_cpu import PatchkitLinear8bitLt
 
-    cls = PatchkitLinear8bitLt if opts.int8_cpu_kernel == "dequant" else bnb.nn.Linear8bitLt
-    layer = cls(
+    layer = PatchkitLinear8bitLt(
         module.in_features,
         module.out_features,
         bias=module.bias is not None,
@@ -45,11 +46,14 @@ def _int8_layer(bnb: ModuleType, module: nn.Linear, weight: torch.Tensor, opts: 
     )
     cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.contiguous().to(torch.float16))
     layer.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
+    layer.cpu_dequantize = opts.int8_cpu_kernel == "dequant"
     return layer
 
 
 def _fourbit_layer(bnb: ModuleType, module: nn.Linear, weight: torch.Tensor, opts: Options, quant_type: str) -> Any:
-    layer = bnb.nn.Linear4bit(
+    from .fourbit import PatchkitLinear4bit
+
+    layer = PatchkitLinear4bit(
         module.in_features,
         module.out_features,
         bias=module.bias is not None,
@@ -89,7 +93,11 @@ def _fourbit_layer(bnb: ModuleType, module: nn.Linear, weight: torch.Tensor, opt
 
 
 def make_build(family: str) -> Callable[[nn.Module, PatchContext], nn.Module]:
-    """``build`` for ``family`` ("int8", "fp4", "nf4"): quantize on the module's device, record how to undo."""
+    """``build`` for ``family`` ("int8", "fp4", "nf4"): quantize on the module's device, record how to undo.
+
+    Non-destructive: the original weight keeps its values until the engine's commit phase (every
+    build of the apply succeeded), so a rollback loses nothing. Kept copies are written here.
+    """
 
     def build(module: nn.Module, ctx: PatchContext) -> nn.Module:
         assert isinstance(module, nn.Linear)
@@ -115,21 +123,26 @@ def make_build(family: str) -> Callable[[nn.Module, PatchContext], nn.Module]:
             layer.bias = module.bias  # shared: same Parameter object, as the contract asks
         layer.train(module.training)
         for name in _HOOK_DICTS:
-            getattr(layer, name).update(getattr(module, name))
+            layer.__dict__[name] = getattr(module, name)
+        # Follows .half() / .to(dtype) / .to(device) of the model, so reverse restores the weight in
+        # the dtype the rest of the model has by then (zero elements, not saved).
+        layer.register_buffer(DTYPE_MARKER, torch.empty(0, dtype=original.dtype, device=original.device), False)
+        layer._register_load_state_dict_pre_hook(refuse_load)
         # A weight another module also uses (tied, with skip_defaults=False) must stay in place.
-        freed = not shared_weight(ctx.root, module)
+        free = not shared_weight(ctx.root, module, model_facts(ctx))
         record = QuantRecord(
             family=family,
             source=type(module),
             shape=original.shape,
             dtype=original.dtype,
             param=layer.weight,
-            freed=freed,
+            freed=False,
             error=error,
             bias_dtype=None if module.bias is None else module.bias.dtype,
             canonical=canonical,
         )
-        if freed:
+        layer.__dict__[RECORD_ATTR] = record
+        if free:
             if opts.keep_original == "cpu":
                 record.kept = keep_in_ram(weight)
                 ctx.note(f"{family}: original kept in RAM, reverse is bit-identical (dequantized max|dW| {error:.3g})")
@@ -138,11 +151,27 @@ def make_build(family: str) -> Callable[[nn.Module, PatchContext], nn.Module]:
                 ctx.note(f"{family}: original kept in {record.kept_file}, reverse is bit-identical")
             else:
                 ctx.note(f"{family}: reverse dequantizes, max|dW| {error:.3g}")
-            # Free the full-precision copy; the Parameter object stays and is refilled on reverse.
-            original.data = torch.empty(0, dtype=original.dtype, device=original.device)
+            # Free the full-precision copy once the whole apply succeeded; the Parameter object
+            # stays and is refilled on reverse.
+            ctx.on_commit(functools.partial(free_original, original, record))
         else:
             ctx.note(f"{family}: weight shared with another module, kept in place (reverse is exact)")
-        layer.__dict__[RECORD_ATTR] = record
         return layer
 
     return build
+
+
+def free_original(weight: torch.Tensor, record: QuantRecord) -> None:
+    """Commit step: drop the original weight's storage (the Parameter object stays)."""
+    weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
+    record.freed = True
+
+
+def refuse_load(*args: Any, **kwargs: Any) -> None:
+    """load_state_dict pre-hook of a quantized layer (and of the model root, see ``patchers.setup``):
+    loading full-precision weights into packed integer storage would silently corrupt them."""
+    raise PatchedModelError(
+        "load_state_dict into a bitsandbytes-quantized model is refused: the weights would not load into the "
+        "packed layers (and reverse would bring back the old ones). Call patchkit.reverse(model), load the "
+        "state dict, then apply again"
+    )

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import os
+import shutil
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +14,8 @@ from torch import nn
 
 # Attribute on the *replacement* (a bitsandbytes layer patchkit created); the user's modules get nothing.
 RECORD_ATTR = "_patchkit_bnb"
+# A zero-element, non-persistent buffer on the replacement: model-wide casts and moves reach it.
+DTYPE_MARKER = "_patchkit_dtype"
 
 
 @dataclass
@@ -34,6 +40,18 @@ class QuantRecord:
     canonical: Any = None
     kept: torch.Tensor | None = None
     kept_file: str | None = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> QuantRecord:
+        # A deep-copied model reverses on its own: it gets its own kept file (reverse deletes it).
+        new = QuantRecord.__new__(QuantRecord)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = value if key in ("source", "dtype", "bias_dtype") else copy.deepcopy(value, memo)
+        if self.kept_file is not None and os.path.exists(self.kept_file):
+            stem = self.kept_file.rsplit(".", 2)[0]
+            new.kept_file = f"{stem}.{uuid.uuid4().hex[:12]}.safetensors"
+            shutil.copyfile(self.kept_file, new.kept_file)
+        return new
 
 
 def record_of(module: nn.Module) -> QuantRecord | None:

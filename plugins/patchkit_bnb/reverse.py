@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from patchkit import PatchContext, PatchError
 
 from .dequantize import fourbit_weight, int8_weight
-from .keep import load_from_disk
-from .record import record_of
+from .record import DTYPE_MARKER, QuantRecord, record_of
 from .runtime import load_bnb
 
 
-def restore(original: nn.Module, replacement: nn.Module, ctx: PatchContext) -> None:
-    """Refill ``original.weight`` before the engine puts ``original`` back.
+def restore(original: nn.Module, replacement: nn.Module, ctx: PatchContext) -> Callable[[], None]:
+    """Gather the original weight for ``original`` and return the step that puts it back.
+
+    Two-phase (plugin API 1.1): this function changes nothing and raises if the weight cannot be
+    brought back (a kept file gone or not matching); the returned step assigns it, deletes the
+    kept file and notes the outcome in the apply report.
 
     Kept weights (``keep_original``) come back bit-identical. Otherwise, or when the quantized
     weight was replaced since apply (an adapter merged into it), the layer's current weights are
-    dequantized into the original dtype. The weight lands on the device the quantized layer is on
-    now (the model may have moved). The outcome is added to the apply report's notes.
+    dequantized. The weight lands on the device the quantized layer is on now and in the dtype the
+    rest of the model has now (a ``model.half()`` while quantized reaches the restored weight too).
+    A layer whose apply never committed (a rolled-back apply) still has its weight: nothing to do
+    but drop the kept copy.
     """
     record = record_of(replacement)
     if record is None:
@@ -27,40 +35,72 @@ def restore(original: nn.Module, replacement: nn.Module, ctx: PatchContext) -> N
             f"{ctx.path or '<root>'}: the bitsandbytes layer lost patchkit's record; "
             "its original weight cannot be restored"
         )
-    weight = original.weight
+    if not record.freed:
+        return lambda: _drop_kept(record)
     current = replacement._parameters.get("weight")
-    changed = current is not record.param
     if current is None:
         raise PatchError(f"{ctx.path}: the quantized layer has no weight anymore; cannot restore the original")
-    device = current.device
-    if record.freed:
+    if current.device.type == "meta":
+        raise PatchError(
+            f"{ctx.path}: the quantized layer is on the meta device (moved there while patched), so its weight is "
+            "gone; move the model back to a real device (its quantized weights intact) before reverse"
+        )
+    marker = replacement._buffers.get(DTYPE_MARKER)
+    dtype = marker.dtype if marker is not None and marker.is_floating_point() else record.dtype
+    changed = current is not record.param
+    note: str
+    if changed or (record.kept is None and record.kept_file is None):
         bnb = load_bnb()
-        if changed or (record.kept is None and record.kept_file is None):
-            with torch.no_grad():
-                if record.family == "int8":
-                    values = int8_weight(bnb, replacement)
-                else:
-                    values = fourbit_weight(bnb, replacement, None if changed else record.canonical)
-            values = values.to(device=device, dtype=record.dtype).reshape(record.shape)
-            if changed:
-                ctx.note(
-                    "reverse: the quantized weight was replaced since apply (merged adapter?); "
-                    "its dequantized values were restored"
-                )
+        with torch.no_grad():
+            if record.family == "int8":
+                values = int8_weight(bnb, replacement)
             else:
-                ctx.note(f"reverse: dequantized, max|dW| {record.error:.3g}")
-        else:
-            kept = record.kept if record.kept is not None else load_from_disk(str(record.kept_file))
-            values = kept.to(device=device)
-            ctx.note("reverse: original restored bit-identical")
-        if record.kept_file is not None and changed:
-            load_from_disk(record.kept_file)  # deletes the now-stale file
-        record.kept = None
-        record.kept_file = None
-        weight.data = values
-        record.freed = False  # a second restore (never expected) must not dequantize again
-    bias = original.bias
-    if bias is not None and record.bias_dtype is not None and bias.dtype != record.bias_dtype:
-        # bitsandbytes casts a shared bias to the input dtype in forward; give it its dtype back.
-        bias.data = bias.data.to(record.bias_dtype)
-        ctx.note(f"reverse: bias cast back to {record.bias_dtype}")
+                values = fourbit_weight(bnb, replacement, None if changed else record.canonical)
+        note = (
+            "reverse: the quantized weight was replaced since apply (merged adapter?); its dequantized values were "
+            "restored"
+            if changed
+            else f"reverse: dequantized, max|dW| {record.error:.3g}"
+        )
+    else:
+        values = record.kept if record.kept is not None else _read_kept(record, ctx.path)
+        note = "reverse: original restored bit-identical"
+    values = values.to(device=current.device, dtype=dtype).reshape(record.shape)
+    if dtype != record.dtype:
+        note += f" (cast to {dtype}, the dtype the model was cast to while quantized)"
+
+    def commit() -> None:
+        original.weight.data = values
+        record.freed = False  # a second restore (a reverse resumed after a failure) changes nothing
+        _drop_kept(record)
+        bias = original.bias
+        if bias is not None and bias.dtype != dtype and marker is not None:
+            bias.data = bias.data.to(dtype)  # only a dtype the marker did not follow: keep the layer whole
+        ctx.note(note)
+
+    return commit
+
+
+def _read_kept(record: QuantRecord, path: str) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    name = str(record.kept_file)
+    if not os.path.exists(name):
+        raise PatchError(
+            f"{path}: the kept original weight {name!r} is missing; put the file back (or move the folder back) "
+            "and call patchkit.reverse(model) again. The model is still patched and nothing was changed"
+        )
+    tensor = load_file(name)["weight"]
+    if tuple(tensor.shape) != tuple(record.shape) or tensor.dtype != record.dtype:
+        raise PatchError(
+            f"{path}: the kept file {name!r} holds a {tuple(tensor.shape)} {tensor.dtype} tensor, not the original "
+            f"{tuple(record.shape)} {record.dtype} weight; restore the right file and call reverse again"
+        )
+    return tensor
+
+
+def _drop_kept(record: QuantRecord) -> None:
+    if record.kept_file is not None and os.path.exists(record.kept_file):
+        os.remove(record.kept_file)
+    record.kept_file = None
+    record.kept = None

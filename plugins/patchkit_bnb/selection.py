@@ -10,13 +10,13 @@ Each default skip is a reason string, so ``patchkit.plan`` lists every linear la
 from __future__ import annotations
 
 import sys
-import time
-import weakref
 from collections import Counter
 from dataclasses import dataclass
 from types import ModuleType
 
 from torch import nn
+
+from patchkit import PatchContext
 
 
 def is_linear(module: nn.Module, path: str, root: nn.Module) -> bool:
@@ -83,26 +83,13 @@ def _gather(root: nn.Module) -> ModelFacts:
     return ModelFacts(owners, _output_embedding(root), frozenset(keep), loaded)
 
 
-# One slot: the facts of the model being planned. The engine runs every check of one plan/apply
-# call back to back, so the facts are gathered once per call, not once per layer (a 70B model plans
-# in well under a second). A call is recognised by its options mapping when the user passed
-# options (the engine hands the same object to every check), else by the checks following each
-# other within _BURST_S on the same model.
-_BURST_S = 0.25
-_last: tuple[weakref.ref[nn.Module], object, ModelFacts, float] | None = None
-
-
-def model_facts(root: nn.Module, options: object) -> ModelFacts:
-    """:class:`ModelFacts` of ``root``, reused across the checks of one plan/apply call."""
-    global _last
-    now = time.monotonic()
-    if _last is not None and _last[0]() is root:
-        same_call = _last[1] is options if options else now - _last[3] < _BURST_S
-        if same_call:
-            _last = (_last[0], _last[1], _last[2], now)
-            return _last[2]
-    facts = _gather(root)
-    _last = (weakref.ref(root), options, facts, time.monotonic())
+def model_facts(ctx: PatchContext) -> ModelFacts:
+    """:class:`ModelFacts` of ``ctx.root``, gathered once per apply/plan stage (the engine's per-stage
+    ``ctx.cache``: no module-global state, nothing outlives the call)."""
+    key = ("patchkit_bnb.facts", id(ctx.root))
+    facts = ctx.cache.get(key)
+    if facts is None:
+        facts = ctx.cache[key] = _gather(ctx.root)
     return facts
 
 

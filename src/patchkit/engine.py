@@ -13,8 +13,8 @@ from typing import Any
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .errors import ConflictError, NotPatchedError, PatchedModelError, UnsupportedError
-from .journal import JOURNAL_ATTR, Journal, find_journal
+from .errors import ConflictError, NotPatchedError, PatchedModelError, PatchError, UnsupportedError
+from .journal import JOURNAL_ATTR, Journal, Layer, find_journal, find_journals
 from .patcher import PatchContext, Patcher
 from .planning import Plan, Skipped, Stage, _table, build_plan, plan_stage, requested_stages, select_patchers
 from .registry import Registry, default_registry
@@ -157,12 +157,14 @@ def _apply(
         model, stages, only=only, skip=skip, strict=strict, backend=backend, options=options, registry=registry
     )
     holder, journal = _journal_for(model)
-    first_layer = not journal.layers
     layer = journal.begin({_stage_key(k, f): f for k, f in stages})
     swaps: list[Swap] = []
     skipped: list[Skipped] = []
     notes: list[str] = []
+    commits: list[Any] = []  # destructive steps, run once every build and setup succeeded
     try:
+        if not journal.base.entries:
+            _guard_saving(model, journal)  # first, so that it is undone last
         only_p, skip_p = compile_patterns(only), compile_patterns(skip)
         for index, (kind, family) in enumerate(stages):
             # Later stages are re-planned on the tree as the previous stage left it.
@@ -182,16 +184,18 @@ def _apply(
                     registry=registry,
                 )
             )
-            swaps += _run_stage(model, stage, journal, backend, options, registry, notes, ddp)
+            swaps += _run_stage(model, stage, journal, backend, options, registry, notes, ddp, commits)
             layer.patchers.update({p.patcher_obj.name: p.patcher_obj for p in stage.patches})
             skipped += stage.skipped
-        if first_layer:
-            _guard_saving(model, journal)
-    except BaseException:
-        journal.undo_layer()
-        if first_layer:
-            _drop_journal(holder)
+    except BaseException as exc:
+        _roll_back(holder, journal, layer, exc)
         raise
+    if not swaps:  # a no-op apply (strict=False, nothing matched) leaves no trace
+        _roll_back(holder, journal, layer, None)
+    for step in commits:
+        # Past this point the apply has succeeded: a step that raises (an interrupt) leaves the
+        # model patched and consistent, with only part of the memory freed.
+        step()
     report = PatchReport(dict(layer.applied), swaps, skipped, notes)
     unsupported = [s for s in skipped if s.unsupported]
     if unsupported:  # strict=False: fall back loudly, never silently
@@ -206,6 +210,21 @@ def _apply(
     return report
 
 
+def _roll_back(holder: nn.Module, journal: Journal, layer: Layer, cause: BaseException | None) -> None:
+    """Undo a failed (or no-op) apply's layer; the journal goes when nothing else is recorded."""
+    try:
+        journal.undo(layer)
+    except BaseException as error:
+        if cause is None:
+            raise
+        raise PatchError(
+            f"apply failed ({type(cause).__name__}: {cause}) and undoing it failed too ({type(error).__name__}: "
+            f"{error}); the journal still records what is patched: fix the cause and call patchkit.reverse(model)"
+        ) from cause
+    if not journal.layers:
+        _drop_journal(holder)
+
+
 def _run_stage(
     root: nn.Module,
     stage: Stage,
@@ -215,13 +234,22 @@ def _run_stage(
     registry: Registry,
     notes: list[str],
     ddp: bool,
+    commits: list[Any],
 ) -> list[Swap]:
     swaps: list[Swap] = []
     by_patcher: dict[str, tuple[Patcher, list[str]]] = {}
     for planned in stage.patches:
         patcher, node = planned.patcher_obj, planned.node
         ctx = PatchContext(
-            root, patcher, paths=tuple(node.paths), options=options, backend=backend, journal=journal, registry=registry
+            root,
+            patcher,
+            paths=tuple(node.paths),
+            options=options,
+            backend=backend,
+            journal=journal,
+            registry=registry,
+            cache=stage.cache,
+            commits=commits,
         )
         replacement = patcher.build(node.module, ctx)
         if replacement is None:
@@ -229,13 +257,13 @@ def _run_stage(
         else:
             if not isinstance(replacement, nn.Module):
                 raise TypeError(f"patcher {patcher.name!r} build() returned {replacement!r}, not an nn.Module or None")
-            journal.replace(node.module, replacement, node.edges, _restorer(patcher, node.module, replacement, ctx))
             if ddp and not _shares_parameters(node.module, replacement):
                 raise UnsupportedError(
                     f"patcher {patcher.name!r} gives {planned.paths[0]} new parameters, but the model is already "
                     "wrapped in DistributedDataParallel, which registered the old ones: patch the model before "
                     "wrapping it (nothing was changed)"
                 )
+            journal.replace(node.module, replacement, node.edges, patcher, ctx)
             new_class = type(replacement).__name__
         swaps.append(Swap(list(node.paths), planned.module_class, new_class, patcher.name, patcher.plugin, ctx.notes))
         by_patcher.setdefault(patcher.name, (patcher, []))[1].extend(node.paths)
@@ -249,6 +277,8 @@ def _run_stage(
                 journal=journal,
                 selected=tuple(paths),
                 registry=registry,
+                cache=stage.cache,
+                commits=commits,
             )
             patcher.setup(root, ctx)
             notes += [f"{patcher.name}: {note}" for note in ctx.notes]
@@ -281,47 +311,62 @@ def _check_wrappers(model: nn.Module) -> bool:
     return ddp
 
 
-def _restorer(patcher: Patcher, original: nn.Module, replacement: nn.Module, ctx: PatchContext) -> Any:
-    if patcher.restore is None:
-        return None
-    restore = patcher.restore
-    return lambda: restore(original, replacement, ctx)
-
-
 def reverse(model: nn.Module) -> nn.Module:
-    """Undo everything patchkit did to ``model``, last change first; returns ``model``.
+    """Undo everything patchkit did to ``model`` and to every module inside it, last change first;
+    returns ``model``.
 
-    Works on the patched model itself or on a wrapper holding it (PEFT, TRL, DDP). Afterwards the
-    model holds the same module, parameter and buffer objects, hooks and flags as before apply.
+    Works on the patched model itself or on a wrapper holding it (PEFT, TRL, DDP), and on a
+    container whose parts were patched separately. Afterwards the model holds the same module,
+    parameter and buffer objects, hooks and flags as before apply; a quantizer's weights come back
+    bit-identical only with ``keep_original`` (else dequantized, its error is in the report).
+
+    Atomic: every check and every patcher's restore runs first (kept files read, weights
+    gathered) and nothing changes if one fails. If undoing still fails midway, the model stays
+    patched and guarded for what is left: fix the cause and call ``reverse`` again.
     Raises :class:`NotPatchedError` if there is nothing to undo.
     """
-    found = find_journal(model)
-    if found is None or not found[1].layers:
+    found = find_journals(model)
+    if not found:
         raise NotPatchedError(
             f"{type(model).__name__} is not patched by patchkit (no journal on it or its submodules): "
             "nothing to reverse"
         )
-    holder, journal = found
-    journal.check()
+    for _, journal in found:
+        journal.check()
     with _gc_paused():
-        while journal.layers:
-            journal.undo_layer()
-    _drop_journal(holder)
+        prepared = [(holder, journal, journal.prepare()) for holder, journal in found]
+        for holder, journal, ready in prepared:
+            journal.commit(ready)
+            _drop_journal(holder)
     return model
 
 
 @contextlib.contextmanager
 def patched(model: nn.Module, **kwargs: Any) -> Iterator[PatchReport]:
-    """Apply on entry, undo exactly that apply on exit (also when the block raises)."""
+    """Apply on entry, undo exactly that apply on exit (also when the block raises).
+
+    Patches applied inside the block stay. If one of them changed the same modules or attributes,
+    the exit raises :class:`ConflictError` and undoes nothing (reverse the inner apply first). A
+    ``reverse`` inside the block leaves nothing to undo at exit.
+    """
     report = apply(model, **kwargs)
+    found = find_journal(model) if report.swaps else None
+    layer = found[1].layers[-1] if found else None
     try:
         yield report
     finally:
-        holder, journal = _journal_for(model)
-        journal.check(layers=1)
-        journal.undo_layer()
-        if not journal.layers:
-            _drop_journal(holder)
+        if found is not None and layer is not None and any(other is layer for other in found[1].layers):
+            holder, journal = found
+            problem = journal.independent(layer)
+            if problem is not None:
+                raise ConflictError(
+                    f"cannot undo this patched() block's {report.applied}: {problem}. Reverse that apply before "
+                    "leaving the block"
+                )
+            journal.check([layer])
+            journal.undo(layer)
+            if not journal.layers:
+                _drop_journal(holder)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -339,21 +384,20 @@ def applied(model: nn.Module) -> dict[str, str]:
 def save_pretrained(model: nn.Module, path: str | os.PathLike[str], *, quantized: bool = False, **kwargs: Any) -> None:
     """Save ``model`` with its host's ``save_pretrained``.
 
-    Unpatched: exactly ``model.save_pretrained(path, **kwargs)``. Patched with a quantizer and
-    ``quantized=True``: the quantizer's ``save`` writes a checkpoint the host reloads quantized (for
-    bitsandbytes: ``from_pretrained`` with a ``BitsAndBytesConfig``); the model is not changed.
-    Patched otherwise: :class:`PatchedModelError` (call :func:`reverse` first).
+    Unpatched, or patched only by patchers whose checkpoint equals the original (attention
+    patchers): exactly what the unpatched ``model.save_pretrained(path, **kwargs)`` writes (tensors
+    and config values as before patching). Patched with a quantizer and ``quantized=True``: the
+    quantizer's ``save`` writes a checkpoint the host reloads quantized (for bitsandbytes:
+    ``from_pretrained`` with a ``BitsAndBytesConfig``); the model is not changed. Patched
+    otherwise: :class:`PatchedModelError` naming both ways out.
     """
-    found = find_journal(model)
-    if found is None or not found[1].layers:
-        type(model).save_pretrained(model, path, **kwargs)  # type: ignore[attr-defined]
+    found = find_journals(model)
+    if not found or (not quantized and all(p.saves_as_original for _, j in found for p in j.patchers())):
+        _save_as_original(model, "save_pretrained", (path,), kwargs)
         return
     if not quantized:
-        raise PatchedModelError(
-            "the model is patched: call patchkit.reverse(model) before saving, or pass quantized=True to write "
-            "the quantized checkpoint"
-        )
-    savers = {p.save for layer in found[1].layers for p in layer.patchers.values() if p.kind == "quantize" and p.save}
+        raise PatchedModelError(_refusal(model, "save_pretrained"))
+    savers = {p.save for _, j in found for p in j.patchers() if p.kind == "quantize" and p.save}
     if not savers:
         raise UnsupportedError(
             "quantized=True needs a quantizer applied whose patcher can write a checkpoint; none is: "
@@ -362,6 +406,22 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str], *, quantized
     if len(savers) > 1:
         raise UnsupportedError("several quantizers with different checkpoint writers are applied; save is ambiguous")
     savers.pop()(model, path)
+
+
+def _save_as_original(module: nn.Module, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Call the class's ``name`` (save_pretrained / push_to_hub) with every journaled attribute of a
+    non-module object (a config field) shown as it was before patching."""
+    method = getattr(type(module), name)
+    with contextlib.ExitStack() as stack:
+        for _, journal in find_journals(module) or _journals_above(module):
+            stack.enter_context(journal.attributes_as_before(keep=lambda obj: isinstance(obj, nn.Module)))
+        return method(module, *args, **kwargs)
+
+
+def _journals_above(module: nn.Module) -> list[tuple[nn.Module, Journal]]:
+    guard = module.__dict__.get("save_pretrained")
+    root = guard.root if isinstance(guard, _SaveGuard) else None
+    return find_journals(root) if root is not None else []
 
 
 def _journal_for(model: nn.Module) -> tuple[nn.Module, Journal]:
@@ -395,21 +455,39 @@ def _check_not_applied(model: nn.Module, stages: list[tuple[str, str]]) -> None:
 
 
 def _guard_saving(model: nn.Module, journal: Journal) -> None:
-    """Make save_pretrained / push_to_hub raise until reverse, on the model and on every module inside
-    it that has them (the inner model of a torch.compile / DDP / PEFT wrapper, a base model). The
-    guard is a journaled instance attribute: reverse deletes it and the class method shows through."""
+    """Guard save_pretrained / push_to_hub on the model and on every module inside it that has them
+    (the inner model of a torch.compile / DDP / PEFT wrapper, a base model). The guard is a
+    journaled instance attribute in the journal's base (undone with the last layer): reverse
+    deletes it and the class method shows through."""
     for module in model.modules():  # modules() yields each shared module once
         for name in GUARDED_METHODS:
             if callable(getattr(type(module), name, None)):
-                journal.set_attr(module, name, _refuse(name, module, model))
+                journal.set_attr(module, name, _SaveGuard(name, module, model), base=True)
 
 
-def _refuse(name: str, module: nn.Module, root: nn.Module) -> Any:
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        kinds = ", ".join(f"{k}={v}" for k, v in applied(root).items()) or "patches"
-        raise PatchedModelError(
-            f"{type(module).__name__}.{name}() refused: the model is patched by patchkit ({kinds}). "
-            f"Call patchkit.reverse(model) first, then {name}() writes the original model"
-        )
+class _SaveGuard:
+    """The instance attribute standing in for ``save_pretrained`` / ``push_to_hub`` while patched.
 
-    return refuse
+    Saves what the unpatched model would save when every applied patcher says its checkpoint is
+    the original's (attention patchers); refuses otherwise. An object, not a closure: a deep copy
+    of the model gets a guard pointing at the copy.
+    """
+
+    def __init__(self, name: str, module: nn.Module, root: nn.Module) -> None:
+        self.name, self.module, self.root = name, module, root
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        found = find_journals(self.root)
+        if all(p.saves_as_original for _, journal in found for p in journal.patchers()):
+            return _save_as_original(self.module, self.name, args, kwargs)
+        raise PatchedModelError(_refusal(self.root, self.name, self.module))
+
+
+def _refusal(root: nn.Module, name: str, module: nn.Module | None = None) -> str:
+    kinds = ", ".join(f"{k}={v}" for k, v in applied(root).items()) or "patches"
+    owner = type(module if module is not None else root).__name__
+    return (
+        f"{owner}.{name}() refused: the model is patched by patchkit ({kinds}) and its checkpoint would differ "
+        f"from the original's. Call patchkit.reverse(model) first, then {name}() writes the original model; or "
+        "write the quantized checkpoint with patchkit.save_pretrained(model, path, quantized=True)"
+    )

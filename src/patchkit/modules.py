@@ -10,13 +10,19 @@ from torch import nn
 
 M = TypeVar("M", bound=nn.Module)
 
+# nn.Module's hook registries (_forward_hooks, _backward_pre_hooks, _state_dict_hooks, ...) and the
+# bookkeeping of which forward hooks take kwargs / always run: shared, never copied.
+_SHARED_SUFFIXES = ("hooks", "_with_kwargs", "_always_called")
+
 
 def share_as(module: nn.Module, cls: type[M]) -> M:
     """A new instance of ``cls`` (a subclass of ``type(module)``) that shares everything with ``module``.
 
     Parameters, buffers and submodules are the *same objects* (training the replacement trains the
-    user's tensors); their containers and the hook dicts are fresh copies, so later changes to the
-    replacement's containers do not leak into the original. ``__init__`` is not called.
+    user's tensors); their containers are fresh copies, so a swap inside the replacement does not
+    leak into the original. The hook dicts are *shared*: a hook registered or removed on either
+    module while patched has the same effect on the other, so it is still there (or still gone)
+    after reverse. ``__init__`` is not called.
 
     A forward wrapper installed on the instance (accelerate's device/offload hook: ``forward`` a
     partial bound to the module, ``_old_forward`` its bound method) is rebound to the replacement,
@@ -28,7 +34,7 @@ def share_as(module: nn.Module, cls: type[M]) -> M:
     state = dict(module.__dict__)
     for key, value in state.items():
         # nn.Module keeps its registries (parameters, buffers, modules, hooks) in private dicts/sets.
-        if key.startswith("_") and isinstance(value, (dict, set)):
+        if key.startswith("_") and isinstance(value, (dict, set)) and not key.endswith(_SHARED_SUFFIXES):
             state[key] = value.copy()
     _rebind_instance_forward(module, replacement, cls, state)
     replacement.__dict__.update(state)

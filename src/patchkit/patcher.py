@@ -10,12 +10,27 @@ A patcher is plain data plus four callables. The engine calls them in this order
 3. ``build(module, ctx)``: return the replacement module (the engine puts it at every path that
    held the original), or ``None`` when the patcher changed the module in place through the
    journaled helpers of ``ctx``.
-4. ``restore(original, replacement, ctx)`` (optional): called during reverse, before the original
-   goes back in place, for patchers that moved state out of the original (quantizers).
+4. ``restore(original, replacement, ctx)`` (optional): called during reverse for patchers that
+   moved state out of the original (quantizers). Since plugin API 1.1 reverse is two-phase:
+   ``restore`` runs first for every swap being undone and must only *gather* (read kept files,
+   dequantize), raising if anything is missing, and return a callable that makes the change
+   (assign the weight, delete the file); the callables run after every restore succeeded, newest
+   swap first. A ``restore`` that changes the model itself and returns ``None`` still works (API
+   1.0), but then a failure elsewhere can leave that swap half-undone.
 
 ``setup(root, ctx)`` (optional) runs once per apply after all of the patcher's swaps, for
 model-level changes (a config field, an instance ``forward``); every change it makes through
 ``ctx`` is journaled and reversed with the rest.
+
+Two-phase apply: ``build`` and ``setup`` must not destroy anything a rollback needs (free the
+original weight, overwrite a file); they register such steps with ``ctx.on_commit`` and the engine
+runs them only after every build and setup of every stage succeeded.
+
+``options``: the keyword options the patcher reads, ``{name: one-line description}``; ``apply``
+refuses a keyword no selected patcher declares (a plugin that declares nothing accepts any).
+``same_checkpoint``: whether ``save_pretrained`` of the patched model writes exactly what the
+unpatched model would (default: True for ``attention`` patchers, False otherwise); saving is
+refused while any applied patcher says False.
 
 ``save(model, path)`` (optional, quantizers): write the *patched* model as a checkpoint its host
 library can load (``patchkit.save_pretrained(model, path, quantized=True)`` calls it).
@@ -23,6 +38,7 @@ library can load (``patchkit.save_pretrained(model, path, quantized=True)`` call
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Union
@@ -67,13 +83,23 @@ class Patcher:
     match: Match
     build: Callable[[nn.Module, PatchContext], nn.Module | None]
     check: Callable[[nn.Module, PatchContext], str | None] | None = None
-    restore: Callable[[nn.Module, nn.Module, PatchContext], None] | None = None
+    restore: Callable[[nn.Module, nn.Module, PatchContext], Callable[[], None] | None] | None = None
     setup: Callable[[nn.Module, PatchContext], None] | None = None
     save: Callable[[nn.Module, Any], None] | None = None
     priority: int = 0
     requires: Requirements = field(default_factory=Requirements)
     description: str = ""
+    options: Mapping[str, str] | None = None  # option name -> description; None: undeclared (accept any)
+    same_checkpoint: bool | None = None  # None: True for kind "attention", else False
     plugin: str = ""  # filled in by the registry: which plugin registered it
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Patcher:
+        return self  # immutable plugin data: a copied model's journal refers to the same patcher
+
+    @property
+    def saves_as_original(self) -> bool:
+        """True when the patched model's checkpoint equals the unpatched one (see ``same_checkpoint``)."""
+        return self.kind == "attention" if self.same_checkpoint is None else self.same_checkpoint
 
     def matches(self, module: nn.Module, path: str, root: nn.Module) -> bool:
         """True when ``module`` (found at ``path`` under ``root``) is a candidate for this patcher."""
@@ -101,6 +127,8 @@ class PatchContext:
         selected: tuple[str, ...] = (),
         registry: Registry | None = None,
         dry_run: bool = False,
+        cache: dict[Any, Any] | None = None,
+        commits: list[Callable[[], None]] | None = None,
     ) -> None:
         self.root = root
         self.patcher = patcher
@@ -114,6 +142,25 @@ class PatchContext:
         # model on the meta device that it could not actually patch yet.
         self.dry_run = dry_run
         self.notes: list[str] = []
+        # Lives for one stage of one apply (or one plan): facts a plugin computes once per model.
+        self.cache: dict[Any, Any] = cache if cache is not None else {}
+        self._commits = commits
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PatchContext:
+        # A copied model's journal keeps its contexts: the model objects follow the memo, the
+        # patcher and registry are shared, the per-apply cache and commit list are not kept.
+        new = PatchContext.__new__(PatchContext)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key in ("patcher", "_registry"):
+                new.__dict__[key] = value
+            elif key == "cache":
+                new.__dict__[key] = {}
+            elif key == "_commits":
+                new.__dict__[key] = None
+            else:
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
 
     @property
     def registry(self) -> Registry:
@@ -150,5 +197,22 @@ class PatchContext:
         self._need_journal().set_attr(obj, name, value)
 
     def on_reverse(self, undo: Callable[[], None], what: str) -> None:
-        """Register ``undo`` to run at its place in reverse (last in, first out)."""
+        """Register ``undo`` to run at its place in reverse (last in, first out).
+
+        Recorded *before* the change it undoes is made: call it first, then make the change, and
+        write ``undo`` so that it is harmless when the change was never made. Use a module-level
+        function, a bound method or a ``functools.partial`` over objects, not a closure: a
+        deep-copied model must undo its own objects.
+        """
         self._need_journal().call(undo, what)
+
+    def on_commit(self, step: Callable[[], None]) -> None:
+        """Run ``step`` once every build and setup of this apply succeeded (two-phase apply).
+
+        For the destructive part of a patch that a rollback could not undo exactly, e.g. freeing
+        the original weight's storage. Steps run in registration order; they must not fail.
+        """
+        self._need_journal()
+        if self._commits is None:
+            raise RuntimeError(f"patcher {self.patcher.name!r}: on_commit is only available in build/setup")
+        self._commits.append(step)

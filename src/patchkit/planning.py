@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class Stage:
     family: str
     patches: list[PlannedPatch] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False)  # ctx.cache for this stage's calls
 
 
 def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
@@ -192,7 +194,9 @@ def plan_stage(
         if only and not any(name_matches(p, only) for p in node.paths):
             stage.skipped.append(Skipped(path, cls, candidates[0].name, "not selected by `only`"))
             continue
-        chosen, reasons, first_error = _choose(candidates, module, root, node, backend, options, registry, dry_run)
+        chosen, reasons, first_error = _choose(
+            candidates, module, root, node, backend, options, registry, dry_run, stage.cache
+        )
         if chosen is None:
             if first_error is not None and strict:
                 raise UnsupportedError(f"cannot patch {path or '<root>'} ({cls}): {first_error}") from first_error
@@ -212,6 +216,7 @@ def _choose(
     options: Mapping[str, Any],
     registry: Registry,
     dry_run: bool,
+    cache: dict[Any, Any],
 ) -> tuple[Patcher | None, list[str], UnsupportedError | None]:
     """The highest-priority candidate whose checks pass; a tie between two passing ones is a conflict."""
     reasons: list[str] = []
@@ -221,7 +226,14 @@ def _choose(
         if chosen is not None and patcher.priority < chosen.priority:
             break
         ctx = PatchContext(
-            root, patcher, paths=tuple(node.paths), options=options, backend=backend, registry=registry, dry_run=dry_run
+            root,
+            patcher,
+            paths=tuple(node.paths),
+            options=options,
+            backend=backend,
+            registry=registry,
+            dry_run=dry_run,
+            cache=cache,
         )
         try:
             check_requirements(patcher, module)
@@ -275,6 +287,7 @@ def build_plan(
     dry_run: bool = False,
 ) -> Plan:
     """Plan every requested stage against ``root`` as it is now."""
+    check_options(registry, stages, options)
     only_p, skip_p = compile_patterns(only), compile_patterns(skip)
     planned = []
     for kind, family in stages:
@@ -301,3 +314,30 @@ def build_plan(
             )
         planned.append(stage)
     return Plan(planned)
+
+
+def check_options(registry: Registry, stages: Sequence[tuple[str, str]], options: Mapping[str, Any]) -> None:
+    """Raise :class:`UnsupportedError` for a keyword option no patcher of the requested stages reads.
+
+    Patchers declare what they read (``Patcher.options``); one that declares nothing (an older
+    plugin) switches the check off, since it may read anything.
+    """
+    if not options:
+        return
+    declared: dict[str, str] = {}
+    for kind, family in stages:
+        for patcher in select_patchers(registry, kind, family):
+            if patcher.options is None:
+                return
+            declared.update({name: patcher.name for name in patcher.options})
+    unknown = sorted(set(options) - set(declared))
+    if not unknown:
+        return
+    name = unknown[0]
+    close = difflib.get_close_matches(name, list(declared), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    families = ", ".join(f"{k}={f!r}" for k, f in stages)
+    raise UnsupportedError(
+        f"unknown option {name!r} for {families}.{hint} Valid options: {sorted(declared) or 'none'} "
+        "(see `patchkit plugins` and the patcher docs)"
+    )
