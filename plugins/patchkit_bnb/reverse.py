@@ -51,11 +51,18 @@ def restore(original: nn.Module, replacement: nn.Module, ctx: PatchContext) -> C
     note: str
     if changed or (record.kept is None and record.kept_file is None):
         bnb = load_bnb()
-        with torch.no_grad():
-            if record.family == "int8":
-                values = int8_weight(bnb, replacement)
-            else:
-                values = fourbit_weight(bnb, replacement, None if changed else record.canonical)
+        try:
+            with torch.no_grad():
+                if record.family == "int8":
+                    values = int8_weight(bnb, replacement)
+                else:
+                    values = fourbit_weight(bnb, replacement, None if changed else record.canonical)
+        except (RuntimeError, NotImplementedError) as exc:  # e.g. its state was moved to meta
+            raise PatchError(
+                f"{ctx.path}: cannot read the quantized weight back ({type(exc).__name__}: {exc}). Was the model "
+                "moved to the meta device or its quantization state changed? The model is still patched and "
+                "nothing was changed: move it back to a real device, or keep_original= next time"
+            ) from exc
         note = (
             "reverse: the quantized weight was replaced since apply (merged adapter?); its dequantized values were "
             "restored"
