@@ -22,11 +22,11 @@ def tiny_llama(**over: Any) -> nn.Module:
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**cfg, **over})).eval()
 
 
-def tiny_mistral() -> nn.Module:
+def tiny_mistral(layers: int = 2) -> nn.Module:
     cfg = transformers.MistralConfig(
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=128,
@@ -37,10 +37,10 @@ def tiny_mistral() -> nn.Module:
     return transformers.MistralForCausalLM(cfg).eval()
 
 
-def tiny_falcon() -> nn.Module:
+def tiny_falcon(layers: int = 2) -> nn.Module:
     cfg = transformers.FalconConfig(
         hidden_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         vocab_size=128,
         new_decoder_architecture=True,
@@ -51,18 +51,17 @@ def tiny_falcon() -> nn.Module:
 
 
 def tiny_bert(cls: type = transformers.BertModel, **over: Any) -> nn.Module:
-    cfg = transformers.BertConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128, **over
-    )
+    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
+    cfg = transformers.BertConfig(**{**base, **over})
     torch.manual_seed(0)
     return cls(cfg).eval()
 
 
-def tiny_opt() -> nn.Module:
+def tiny_opt(layers: int = 2) -> nn.Module:
     cfg = transformers.OPTConfig(
         vocab_size=128,
         hidden_size=32,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         ffn_dim=64,
         num_attention_heads=4,
         max_position_embeddings=64,

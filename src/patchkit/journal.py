@@ -360,10 +360,10 @@ def find_journal(model: nn.Module) -> tuple[nn.Module, Journal] | None:
 
 
 def find_journals(model: nn.Module) -> list[tuple[nn.Module, Journal]]:
-    """Every module in ``model``'s tree (itself first) holding a journal with layers."""
+    """Every module in ``model``'s tree (itself first) holding a journal with something left to undo."""
     out = []
     for module in model.modules():
         journal = module.__dict__.get(JOURNAL_ATTR)
-        if journal is not None and journal.layers:
+        if journal is not None and (journal.layers or journal.base.entries):
             out.append((module, journal))
     return out
