@@ -67,7 +67,7 @@ def test_reverse_with_a_missing_kept_file_stays_patched_and_resumes(tmp_path: Pa
     assert not any(keep.iterdir())  # kept files are deleted once restored
 
 
-def test_reverse_of_a_quantized_model_moved_to_meta_refuses_and_stays_patched() -> None:
+def test_reverse_of_a_quantized_model_moved_to_meta_refuses_and_stays_patched(tmp_path: Path) -> None:
     model = tiny_llama()
     patchkit.apply(model, quantize="nf4")
     with pytest.raises(RuntimeError):
@@ -76,12 +76,12 @@ def test_reverse_of_a_quantized_model_moved_to_meta_refuses_and_stays_patched() 
         patchkit.reverse(model)
     assert patchkit.is_patched(model)
     with pytest.raises(PatchedModelError):
-        model.save_pretrained("never-written")
+        model.save_pretrained(tmp_path / "never-written")
     with pytest.raises(PatchError, match="still patched"):
         patchkit.reverse(model)  # a second reverse says the same, not NotPatchedError
 
 
-def test_interrupted_reverse_resumes_where_it_stopped() -> None:
+def test_interrupted_reverse_resumes_where_it_stopped(tmp_path: Path) -> None:
     model = tiny_llama()
     before = full_state(model)
     patchkit.apply(model, quantize="nf4", keep_original="cpu")
@@ -99,7 +99,7 @@ def test_interrupted_reverse_resumes_where_it_stopped() -> None:
         patchkit.reverse(model)
     assert patchkit.is_patched(model)
     with pytest.raises(PatchedModelError):
-        model.save_pretrained("never-written")
+        model.save_pretrained(tmp_path / "never-written")
     victim.commit = real
     patchkit.reverse(model)
     assert full_state(model) == before
