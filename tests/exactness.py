@@ -95,7 +95,8 @@ def full_state(model: nn.Module) -> dict[str, Any]:
         "state": buf.getvalue(),
         "modules": [(n, id(m), type(m)) for n, m in model.named_modules(remove_duplicate=False)],
         "params": [
-            (n, id(p), p.dtype, tuple(p.shape), p.requires_grad) for n, p in model.named_parameters(remove_duplicate=False)
+            (n, id(p), p.dtype, tuple(p.shape), p.requires_grad)
+            for n, p in model.named_parameters(remove_duplicate=False)
         ],
         "hooks": [
             tuple(

@@ -223,7 +223,8 @@ def test_cast_while_quantized_then_reverse_gives_a_consistent_model(family: str,
 def test_input_of_another_dtype_never_casts_the_shared_bias(family: str) -> None:
     model = tiny_bert()
     before = full_state(model)
-    patchkit.apply(model, quantize=family, keep_original="cpu", **({} if family == "int8" else {"compute_dtype": "bf16"}))
+    extra = {} if family == "int8" else {"compute_dtype": "bf16"}
+    patchkit.apply(model, quantize=family, keep_original="cpu", **extra)
     layer = model.encoder.layer[0].attention.self.query
     with torch.no_grad():
         layer(torch.randn(2, 3, 64, dtype=torch.bfloat16))
