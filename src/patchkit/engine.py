@@ -185,6 +185,7 @@ def _apply(
                 )
             )
             swaps += _run_stage(model, stage, journal, backend, options, registry, notes, ddp, commits)
+            stage.cache.clear()  # the contexts stay in the journal; what plugins cached must not
             layer.patchers.update({p.patcher_obj.name: p.patcher_obj for p in stage.patches})
             skipped += stage.skipped
     except BaseException as exc:
