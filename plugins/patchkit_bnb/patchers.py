@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from patchkit import PatchContext, Patcher, Requirements, UnsupportedError
@@ -13,7 +14,7 @@ from .options import OPTION_DOCS, read_options
 from .quantize import make_build, refuse_load
 from .reverse import restore
 from .runtime import load_bnb, unsupported_tensor
-from .selection import model_facts, skip_reason
+from .selection import is_linear, model_facts, skip_reason
 
 _FP16_MAX = 65504.0
 _DESCRIPTIONS = {
@@ -27,7 +28,6 @@ def make_check(family: str) -> Callable[[nn.Module, PatchContext], str | None]:
     """``check`` for ``family``: bitsandbytes present, options valid, weight quantizable, defaults applied."""
 
     def check(module: nn.Module, ctx: PatchContext) -> str | None:
-        assert isinstance(module, nn.Linear)  # the match guarantees it
         bnb = load_bnb()
         opts = read_options(ctx)
         facts = model_facts(ctx)
@@ -45,10 +45,12 @@ def make_check(family: str) -> Callable[[nn.Module, PatchContext], str | None]:
             # A model built on the meta device (planning before loading, `patchkit plan`): the plan
             # is what apply would do once loaded; build refuses meta weights before changing anything.
             return None
-        problem = unsupported_tensor(bnb, module.weight)
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)  # nn.Linear or Conv1D: a Parameter
+        problem = unsupported_tensor(bnb, weight)
         if problem is not None:
             raise UnsupportedError(problem)
-        if family == "int8" and module.weight.detach().abs().max().item() > _FP16_MAX:
+        if family == "int8" and weight.detach().abs().max().item() > _FP16_MAX:
             # LLM.int8 quantizes through float16: larger weights would become inf.
             raise UnsupportedError("the weight exceeds the float16 range LLM.int8 quantizes through; use nf4 or fp4")
         return None
@@ -96,7 +98,7 @@ def make_patchers() -> list[Patcher]:
             name=f"bnb-{family}",
             kind="quantize",
             family=family,
-            match=nn.Linear,  # isinstance: subclasses (FalconLinear) included
+            match=is_linear,  # nn.Linear and subclasses (FalconLinear), transformers' Conv1D
             check=make_check(family),
             build=make_build(family),
             restore=restore,

@@ -33,12 +33,12 @@ _HOOK_DICTS = (
 )
 
 
-def _int8_layer(bnb: ModuleType, module: nn.Linear, weight: torch.Tensor, opts: Options) -> Any:
+def _int8_layer(bnb: ModuleType, module: nn.Module, weight: torch.Tensor, opts: Options) -> Any:
     from .int8_cpu import PatchkitLinear8bitLt
 
     layer = PatchkitLinear8bitLt(
-        module.in_features,
-        module.out_features,
+        weight.shape[1],
+        weight.shape[0],
         bias=module.bias is not None,
         has_fp16_weights=False,
         threshold=opts.threshold,
@@ -50,12 +50,12 @@ def _int8_layer(bnb: ModuleType, module: nn.Linear, weight: torch.Tensor, opts: 
     return layer
 
 
-def _fourbit_layer(bnb: ModuleType, module: nn.Linear, weight: torch.Tensor, opts: Options, quant_type: str) -> Any:
+def _fourbit_layer(bnb: ModuleType, module: nn.Module, weight: torch.Tensor, opts: Options, quant_type: str) -> Any:
     from .fourbit import PatchkitLinear4bit
 
     layer = PatchkitLinear4bit(
-        module.in_features,
-        module.out_features,
+        weight.shape[1],
+        weight.shape[0],
         bias=module.bias is not None,
         compute_dtype=opts.compute_dtype or weight.dtype,
         compress_statistics=opts.compress_statistics,
@@ -86,7 +86,7 @@ def _fourbit_layer(bnb: ModuleType, module: nn.Linear, weight: torch.Tensor, opt
     # forward (bf16 block scales, another layout). PEFT's merge and other readers of weight.data
     # then see garbage, so it is opt-in (cpu_packing=True, faster CPU inference). It also needs
     # output rows in blocks of 32 and whole absmax blocks per row, or it fails.
-    packable = module.out_features % 32 == 0 and module.in_features % opts.blocksize == 0
+    packable = weight.shape[0] % 32 == 0 and weight.shape[1] % opts.blocksize == 0
     if not (opts.cpu_packing and packable):
         layer.support_avx512bf16_for_cpu = False
     return layer
@@ -100,13 +100,19 @@ def make_build(family: str) -> Callable[[nn.Module, PatchContext], nn.Module]:
     """
 
     def build(module: nn.Module, ctx: PatchContext) -> nn.Module:
-        assert isinstance(module, nn.Linear)
         bnb = load_bnb()
         opts = read_options(ctx)
         original = module.weight
+        assert isinstance(original, torch.Tensor)
         if original.device.type == "meta":  # only reachable for a model that is entirely on meta
             raise UnsupportedError(unsupported_tensor(bnb, original) or "the weight is on the meta device")
-        weight = original.detach()
+        # transformers' Conv1D (GPT-2 and kin) computes x @ W with W stored [in, out]: the layer is
+        # a Linear of W.T, quantized as such; the original [in, out] tensor is what is kept/restored.
+        transposed = not isinstance(module, nn.Linear)
+        bias = module.bias
+        assert bias is None or isinstance(bias, torch.Tensor)
+        kept_weight = original.detach()
+        weight = kept_weight.t() if transposed else kept_weight
         layer: Any
         with torch.no_grad():
             if family == "int8":
@@ -138,16 +144,17 @@ def make_build(family: str) -> Callable[[nn.Module, PatchContext], nn.Module]:
             param=layer.weight,
             freed=False,
             error=error,
-            bias_dtype=None if module.bias is None else module.bias.dtype,
+            bias_dtype=None if bias is None else bias.dtype,
             canonical=canonical,
+            transposed=transposed,
         )
         layer.__dict__[RECORD_ATTR] = record
         if free:
             if opts.keep_original == "cpu":
-                record.kept = keep_in_ram(weight)
+                record.kept = keep_in_ram(kept_weight)
                 ctx.note(f"{family}: original kept in RAM, reverse is bit-identical (dequantized max|dW| {error:.3g})")
             elif opts.keep_original is not None:
-                record.kept_file = keep_on_disk(weight, opts.keep_original, ctx.path)
+                record.kept_file = keep_on_disk(kept_weight, opts.keep_original, ctx.path)
                 ctx.note(f"{family}: original kept in {record.kept_file}, reverse is bit-identical")
             else:
                 ctx.note(f"{family}: reverse dequantizes, max|dW| {error:.3g}")

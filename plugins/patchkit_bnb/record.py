@@ -40,6 +40,7 @@ class QuantRecord:
     canonical: Any = None
     kept: torch.Tensor | None = None
     kept_file: str | None = None
+    transposed: bool = False  # transformers' Conv1D: the quantized matrix is the weight transposed
 
     def __deepcopy__(self, memo: dict[int, Any]) -> QuantRecord:
         # A deep-copied model reverses on its own: it gets its own kept file (reverse deletes it).

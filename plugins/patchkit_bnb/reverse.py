@@ -63,6 +63,8 @@ def restore(original: nn.Module, replacement: nn.Module, ctx: PatchContext) -> C
                 "moved to the meta device or its quantization state changed? The model is still patched and "
                 "nothing was changed: move it back to a real device, or keep_original= next time"
             ) from exc
+        if record.transposed:
+            values = values.t().contiguous()
         note = (
             "reverse: the quantized weight was replaced since apply (merged adapter?); its dequantized values were "
             "restored"

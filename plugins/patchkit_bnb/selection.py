@@ -20,8 +20,16 @@ from patchkit import PatchContext
 
 
 def is_linear(module: nn.Module, path: str, root: nn.Module) -> bool:
-    """Match predicate: any ``nn.Linear``, subclasses included (checked with ``isinstance``)."""
-    return isinstance(module, nn.Linear)
+    """Match predicate: any ``nn.Linear`` (subclasses included) or transformers' ``Conv1D``
+    (GPT-2 and kin: a linear layer whose weight is stored transposed)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for an instance of ``transformers.pytorch_utils.Conv1D`` (only looked up when loaded)."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(utils, "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
 
 
 def _parent(root: nn.Module, path: str) -> nn.Module | None:
