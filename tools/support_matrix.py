@@ -70,7 +70,8 @@ class Row:
         diff = "" if self.max_diff is None else f"{self.max_diff:.0e}"
         gen = {None: "", True: "same", False: "DIFFERENT"}[self.generate_equal]
         pf = {None: "", True: "yes", False: "no"}[self.padding_free]
-        return [self.arch, self.kind, self.status, pf, diff, gen, self.reason.replace("|", "/").replace("\n", " ")[:160]]
+        reason = self.reason.replace("|", "/").replace("\n", " ")[:160]
+        return [self.arch, self.kind, self.status, pf, diff, gen, reason]
 
 
 def shrink(config: Any) -> Any:
