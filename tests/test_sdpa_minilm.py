@@ -62,12 +62,13 @@ def test_save_pretrained_after_reverse_is_byte_identical(
     patchkit.apply(model, attention="sdpa")
     with torch.no_grad():
         model(**tokens)
-    with pytest.raises(patchkit.PatchedModelError):
-        model.save_pretrained(tmp_path / "refused")
+    model.save_pretrained(tmp_path / "patched")  # attention patchers save the original checkpoint
     patchkit.reverse(model)
     plain.save_pretrained(tmp_path / "plain")
     model.save_pretrained(tmp_path / "reversed")
     files = sorted(p.name for p in (tmp_path / "plain").iterdir())
-    assert files == sorted(p.name for p in (tmp_path / "reversed").iterdir()) and "model.safetensors" in files
-    for name in files:
-        assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "reversed" / name).read_bytes(), name
+    assert "model.safetensors" in files
+    for folder in ("reversed", "patched"):
+        assert files == sorted(p.name for p in (tmp_path / folder).iterdir())
+        for name in files:
+            assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / folder / name).read_bytes(), (folder, name)
