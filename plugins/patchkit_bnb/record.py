@@ -40,6 +40,7 @@ class QuantRecord:
     canonical: Any = None
     kept: torch.Tensor | None = None
     kept_file: str | None = None
+    checkpoint: Any = None  # keep_original="checkpoint": the patchkit.TensorSource the weight was read from
 
     def __deepcopy__(self, memo: dict[int, Any]) -> QuantRecord:
         # A deep-copied model reverses on its own: it gets its own kept file (reverse deletes it).
