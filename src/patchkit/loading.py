@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import ctypes.util
+import functools
 import os
 import sys
 import warnings
@@ -544,7 +547,33 @@ def _build_deferred(
         new_class = type(replacement).__name__
     for step in commits:  # the model is new: nothing to roll back to, free the full-precision copy now
         step()
+    _trim_heap()
     return Swap(list(node.paths), planned.module_class, new_class, patcher.name, patcher.plugin, ctx.notes)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
+    return trim
+
+
+def _trim_heap() -> None:
+    """Give the pages of freed full-precision weights back to the OS (glibc: ``malloc_trim``).
+
+    Without it glibc keeps them: freed layer-sized blocks are split by the quantizer's smaller,
+    long-lived allocations and the next layer's weight no longer fits in them, so the heap grows
+    by about one full-precision layer per layer (measured: 1220 MiB RSS instead of 633 MiB on a
+    6-layer OPT-350m-width model). Changes no allocator setting; a no-op elsewhere.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _live_edges(node: Node) -> list[tuple[nn.Module, str]]:
