@@ -11,9 +11,8 @@ import patchkit
 
 pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
-from transformers.pytorch_utils import Conv1D  # noqa: E402
-
 from patchkit_bnb.record import record_of  # noqa: E402
+from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 
 def tiny_gpt2() -> nn.Module:

@@ -14,7 +14,9 @@ Names (all optional):
 - ``blocksize`` (4-bit): values per absmax block, default 64.
 - ``keep_original``: ``None`` (default: free the original weight, reverse dequantizes into it),
   ``"cpu"`` (keep it in RAM; reverse is bit-identical) or a directory path (keep it there as
-  safetensors; reverse is bit-identical and deletes the file).
+  safetensors; reverse is bit-identical and deletes the file), or ``"checkpoint"`` (only with
+  ``patchkit.from_pretrained``: nothing is kept, reverse reads the original weights back from the
+  checkpoint files, bit-identical, and refuses if they changed since loading).
 - ``cpu_packing`` (4-bit, default False): let bitsandbytes repack 4-bit weights for its
   AVX512-BF16 CPU kernel on the first inference forward (about 1.5x faster CPU inference; PEFT's
   merge cannot read repacked weights).
@@ -53,7 +55,8 @@ OPTION_DOCS = {
     "double_quant": "alias of compress_statistics",
     "quant_storage": "4-bit: dtype the packed values are stored in (default torch.uint8)",
     "blocksize": "4-bit: values per absmax block (default 64)",
-    "keep_original": "None (free; reverse dequantizes), 'cpu' or a folder (reverse is bit-identical)",
+    "keep_original": "None (free; reverse dequantizes), 'cpu', a folder, or 'checkpoint' (patchkit.from_pretrained: "
+    "reverse re-reads the checkpoint files); all but None reverse bit-identical",
     "cpu_packing": "4-bit: allow bitsandbytes' AVX512-BF16 CPU repacking (default False)",
     "skip_defaults": "leave lm_head, tied weights and _keep_in_fp32_modules full precision (default True)",
     "has_fp16_weights": "not offered (refused with the reason)",
@@ -69,7 +72,7 @@ class Options:
     compress_statistics: bool = True
     quant_storage: torch.dtype = torch.uint8
     blocksize: int = 64
-    keep_original: str | None = None  # None, "cpu" or a directory
+    keep_original: str | None = None  # None, "cpu", "checkpoint" or a directory
     skip_defaults: bool = True
     cpu_packing: bool = False
     int8_cpu_kernel: str = "dequant"
@@ -109,7 +112,7 @@ def read_options(ctx: PatchContext) -> Options:
     keep = ctx.option("keep_original")
     if keep is not None:
         keep = os.fspath(keep)
-        if keep != "cpu":
+        if keep not in ("cpu", "checkpoint"):
             if os.path.exists(keep) and not os.path.isdir(keep):
                 raise UnsupportedError(f"keep_original={keep!r} exists and is not a directory; pass 'cpu' or a folder")
             parent = keep if os.path.isdir(keep) else os.path.dirname(os.path.abspath(keep))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -150,7 +151,20 @@ def make_build(family: str) -> Callable[[nn.Module, PatchContext], nn.Module]:
         )
         layer.__dict__[RECORD_ATTR] = record
         if free:
-            if opts.keep_original == "cpu":
+            if opts.keep_original == "checkpoint":
+                source = ctx.checkpoint_source(original)
+                if source is None or source.digest is None:
+                    raise UnsupportedError(
+                        "keep_original='checkpoint' reads the original weights back from the files the model was "
+                        "loaded from: load it with patchkit.from_pretrained(..., quantize=..., "
+                        "keep_original='checkpoint'), or use keep_original='cpu' or a folder here"
+                    )
+                record.checkpoint = source
+                ctx.note(
+                    f"{family}: original is in {os.path.basename(source.file)} ({source.key}), reverse re-reads it "
+                    f"bit-identical (dequantized max|dW| {error:.3g})"
+                )
+            elif opts.keep_original == "cpu":
                 record.kept = keep_in_ram(kept_weight)
                 ctx.note(f"{family}: original kept in RAM, reverse is bit-identical (dequantized max|dW| {error:.3g})")
             elif opts.keep_original is not None:

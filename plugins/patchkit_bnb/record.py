@@ -41,6 +41,7 @@ class QuantRecord:
     kept: torch.Tensor | None = None
     kept_file: str | None = None
     transposed: bool = False  # transformers' Conv1D: the quantized matrix is the weight transposed
+    checkpoint: Any = None  # keep_original="checkpoint": the patchkit.TensorSource the weight was read from
 
     def __deepcopy__(self, memo: dict[int, Any]) -> QuantRecord:
         # A deep-copied model reverses on its own: it gets its own kept file (reverse deletes it).

@@ -49,7 +49,7 @@ def restore(original: nn.Module, replacement: nn.Module, ctx: PatchContext) -> C
     dtype = marker.dtype if marker is not None and marker.is_floating_point() else record.dtype
     changed = current is not record.param
     note: str
-    if changed or (record.kept is None and record.kept_file is None):
+    if changed or (record.kept is None and record.kept_file is None and record.checkpoint is None):
         bnb = load_bnb()
         try:
             with torch.no_grad():
@@ -71,6 +71,11 @@ def restore(original: nn.Module, replacement: nn.Module, ctx: PatchContext) -> C
             if changed
             else f"reverse: dequantized, max|dW| {record.error:.3g}"
         )
+    elif record.checkpoint is not None:
+        # Read back (memory-mapped) and verified against the size and SHA-256 recorded at load; cast the
+        # way the loader cast it. Raises PatchError, changing nothing, if the files changed.
+        values = record.checkpoint.read(ctx.path).to(record.dtype)
+        note = "reverse: original re-read from the checkpoint, bit-identical"
     else:
         values = record.kept if record.kept is not None else _read_kept(record, ctx.path)
         note = "reverse: original restored bit-identical"

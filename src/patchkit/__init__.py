@@ -9,6 +9,7 @@ patchkit.reverse(model)                             # the original objects, back
 from __future__ import annotations
 
 from .attention_backends import AttentionBackend
+from .checkpoint import TensorSource
 from .engine import (
     PatchkitWarning,
     PatchReport,
@@ -30,6 +31,7 @@ from .errors import (
     UnsupportedError,
 )
 from .hookspecs import hookimpl
+from .loading import from_pretrained
 from .modules import share_as
 from .patcher import PatchContext, Patcher, Requirements
 from .planning import Plan
@@ -59,10 +61,12 @@ __all__ = [
     "Registry",
     "Requirements",
     "Swap",
+    "TensorSource",
     "UnsupportedError",
     "applied",
     "apply",
     "default_registry",
+    "from_pretrained",
     "hookimpl",
     "is_patched",
     "patched",

@@ -129,6 +129,7 @@ class PatchContext:
         dry_run: bool = False,
         cache: dict[Any, Any] | None = None,
         commits: list[Callable[[], None]] | None = None,
+        sources: Mapping[int, tuple[Any, Any]] | None = None,
     ) -> None:
         self.root = root
         self.patcher = patcher
@@ -145,6 +146,8 @@ class PatchContext:
         # Lives for one stage of one apply (or one plan): facts a plugin computes once per model.
         self.cache: dict[Any, Any] = cache if cache is not None else {}
         self._commits = commits
+        # patchkit.from_pretrained: id(tensor) -> (tensor, TensorSource) for the tensors just read.
+        self._sources = sources
 
     def __deepcopy__(self, memo: dict[int, Any]) -> PatchContext:
         # A copied model's journal keeps its contexts: the model objects follow the memo, the
@@ -156,7 +159,7 @@ class PatchContext:
                 new.__dict__[key] = value
             elif key == "cache":
                 new.__dict__[key] = {}
-            elif key == "_commits":
+            elif key in ("_commits", "_sources"):
                 new.__dict__[key] = None
             else:
                 new.__dict__[key] = copy.deepcopy(value, memo)
@@ -205,6 +208,21 @@ class PatchContext:
         deep-copied model must undo its own objects.
         """
         self._need_journal().call(undo, what)
+
+    def checkpoint_source(self, tensor: Any) -> Any:
+        """Where ``tensor`` was read from, while ``patchkit.from_pretrained`` is loading the model.
+
+        A :class:`patchkit.TensorSource` (file, key, byte range, file size and, when the load was
+        asked to fingerprint, the SHA-256 of the bytes read) for a tensor the loader has just read
+        into the module being built; ``None`` outside such a load or for any other tensor. Only
+        valid during ``build``: record what you need from it.
+        """
+        found = self._sources.get(id(tensor)) if self._sources is not None else None
+        return found[1] if found is not None and found[0] is tensor else None
+
+    def release_sources(self) -> None:
+        """Forget the loader's source map (called by the loader once ``build`` returned)."""
+        self._sources = None
 
     def on_commit(self, step: Callable[[], None]) -> None:
         """Run ``step`` once every build and setup of this apply succeeded (two-phase apply).
