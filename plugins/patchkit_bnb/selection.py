@@ -19,11 +19,6 @@ from torch import nn
 from patchkit import PatchContext
 
 
-def is_linear(module: nn.Module, path: str, root: nn.Module) -> bool:
-    """Match predicate: any ``nn.Linear``, subclasses included (checked with ``isinstance``)."""
-    return isinstance(module, nn.Linear)
-
-
 def _parent(root: nn.Module, path: str) -> nn.Module | None:
     if not path:
         return None
