@@ -13,8 +13,7 @@ import patchkit
 
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
-from patchkit_bnb import save_quantized  # noqa: E402
-from patchkit_bnb.saving import quantized_state_dict  # noqa: E402
+from patchkit_bnb.saving import quantized_state_dict, save_quantized  # noqa: E402
 
 
 def _same_kernel(model: torch.nn.Module, packing: bool) -> torch.nn.Module:
@@ -64,7 +63,7 @@ def test_saving_after_cpu_packing_writes_the_state_as_quantized(tmp_path: os.Pat
     patchkit.apply(model, quantize="nf4", cpu_packing=True)
     ids = tokens()
     expected = output(model, ids)  # repacks on AVX512-BF16 CPUs
-    save_quantized(model, tmp_path)
+    patchkit.save_pretrained(model, tmp_path, quantized=True)
     reloaded = _same_kernel(transformers.AutoModel.from_pretrained(tmp_path).eval(), True)
     assert (output(reloaded, ids) - expected).abs().max().item() < 1e-5
     patchkit.reverse(model)
@@ -74,8 +73,8 @@ def test_saving_refuses_layers_transformers_would_not_reload(tmp_path: os.PathLi
     model = tiny_falcon()
     patchkit.apply(model, quantize="int8")
     with pytest.raises(patchkit.UnsupportedError, match="FalconLinear"):
-        save_quantized(model, tmp_path)
+        patchkit.save_pretrained(model, tmp_path, quantized=True)
     assert not os.listdir(tmp_path)
     patchkit.reverse(model)
     with pytest.raises(patchkit.UnsupportedError, match="no layer quantized"):
-        save_quantized(model, tmp_path)
+        save_quantized(model, tmp_path)  # the writer itself (unpatched, save_pretrained saves the original)

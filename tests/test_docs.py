@@ -38,3 +38,55 @@ def test_readme_starts_with_exactly_two_setup_commands_and_ci_runs_the_test_one(
     assert len(first_block) == 2 and first_block[0].endswith("patchkit demo")
     test_command = first_block[1].split("&&")[-1].strip()
     assert test_command in (ROOT / ".ci" / "run").read_text()
+
+
+GUIDE_ITEMS = {
+    # issue 12: what an outside developer needed and could not find
+    "build returns None for an in-place patch": "**`None` for an in-place patch**",
+    "testing without installing others": "registry = Registry()",
+    "add_plugin": "registry.add_plugin(",
+    "load_entry_points": "Registry.load_entry_points()",
+    "registry= argument": "`registry=` is accepted by `apply`, `plan` and `patched`",
+    "Requirements field types": "`devices: frozenset[str]`",
+    "Requirements dtypes type": "frozenset[torch.dtype]",
+    "share_as shares": "**hook dicts are\nshared**",
+    "share_as copies": "The **containers**",
+    "match needs the class": "**`match=` needs the class, so import heavy packages inside the hook.**",
+    "conflict test": "**Conflicts**",
+    "fault injection through a Registry": "**Fault injection**: subclass `Registry`",
+    "bnb Linear only": "`nn.Linear` **and its subclasses\nonly**",
+    "Conv1D": "GPT-2's `Conv1D` is not an `nn.Linear`",
+    # issue 10's contract
+    "two-phase apply": "**`build` and `setup` must not destroy anything a rollback needs**",
+    "on_commit": "`ctx.on_commit(step)`",
+    "on_reverse harmless": "**harmless if the change was\n  never made**",
+    "on_reverse no closures": "**module-level function, a bound method, or a `functools.partial` over objects**",
+    "pickling refused": "refuses to be\n  pickled",
+    "two-phase reverse": "**returns a commit callable**",
+    "reverse resumes": "it resumes",
+    "options": "| `options` | `Mapping[str, str] \\| None` |",
+    "same_checkpoint": "| `same_checkpoint` | `bool \\| None` |",
+    "covers": "| `covers` | `tuple[str, ...]` |",
+    "cache": "`ctx.cache` is a `dict`",
+    "API 1.1": "this release: 1.1",
+    "unavailable": "the plugin is `unavailable`, with the install command",
+    "scoped names": "scopes it as `plugin:name`",
+}
+
+
+def test_plugin_guide_covers_what_plugin_authors_asked_for():
+    guide = (ROOT / "docs" / "write-a-plugin.md").read_text()
+    missing = [item for item, text in GUIDE_ITEMS.items() if text not in guide]
+    assert not missing, f"docs/write-a-plugin.md does not cover: {missing}"
+
+
+def test_api_reference_is_current():
+    import patchkit
+
+    api = (ROOT / "docs" / "api.md").read_text()
+    assert f"this release: {patchkit.registry.PLUGIN_API_VERSION}" in api
+    assert "dry_run" not in api  # removed: read by nothing
+    for name in ("covers", "same_checkpoint", "on_commit", "ctx.cache", "Swap", "Registry()", "add_plugin"):
+        assert name in api, name
+    for flag in ("--patch", "--train", "-o key=value", "--lenient"):
+        assert flag in api, flag

@@ -3,8 +3,10 @@
 Every ``nn.Linear`` (subclasses included, e.g. Falcon's ``FalconLinear``) becomes a
 ``bnb.nn.Linear8bitLt`` or ``bnb.nn.Linear4bit`` on the module's device; ``reverse`` puts the
 original module and parameter objects back (dequantized, or bit-identical with
-``keep_original=``). Importing this package is cheap: torch-heavy code lives in submodules and
-bitsandbytes is imported only when a patcher runs.
+``keep_original=``). ``patchkit.save_pretrained(model, path, quantized=True)`` is the one way
+to write a checkpoint transformers reloads quantized (the patchers' ``save``). Importing this
+package is cheap: torch-heavy code lives in submodules and bitsandbytes is imported only when a
+patcher runs.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 from patchkit import hookimpl
 
 PATCHKIT_API = ">=1,<2"
-REQUIRES = {"transformers": ">=5.0"}
+REQUIRES = {"transformers": ">=5.0", "bitsandbytes": ">=0.45"}
 
 
 @hookimpl
@@ -27,11 +29,4 @@ def register_patchers(register: Callable[[Any], None]) -> None:
         register(patcher)
 
 
-def save_quantized(model: Any, path: Any, **kwargs: Any) -> None:
-    """Write a quantized checkpoint that transformers reloads (see :func:`patchkit_bnb.saving.save_quantized`)."""
-    from .saving import save_quantized as _save
-
-    _save(model, path, **kwargs)
-
-
-__all__ = ["PATCHKIT_API", "REQUIRES", "register_patchers", "save_quantized"]
+__all__ = ["PATCHKIT_API", "REQUIRES", "register_patchers"]

@@ -14,6 +14,7 @@ from .options import OPTION_DOCS, read_options
 from .quantize import make_build, refuse_load
 from .reverse import restore
 from .runtime import load_bnb, unsupported_tensor
+from .saving import save_quantized
 from .selection import is_linear, model_facts, skip_reason
 
 _FP16_MAX = 65504.0
@@ -85,12 +86,6 @@ def drop_load_guard(root: nn.Module) -> None:
         del hooks[key]
 
 
-def _save(model: nn.Module, path: object) -> None:
-    from .saving import save_quantized
-
-    save_quantized(model, path)  # type: ignore[arg-type]
-
-
 def make_patchers() -> list[Patcher]:
     """The ``bnb-int8``, ``bnb-fp4`` and ``bnb-nf4`` patchers."""
     return [
@@ -103,11 +98,12 @@ def make_patchers() -> list[Patcher]:
             build=make_build(family),
             restore=restore,
             setup=make_setup(family),
-            save=_save,  # patchkit.save_pretrained(model, path, quantized=True)
+            save=save_quantized,  # the one way to save: patchkit.save_pretrained(model, path, quantized=True)
             # bitsandbytes (and its version) is checked by load_bnb() in check, once per process:
             # Requirements.packages reads package metadata for every candidate layer.
             requires=Requirements(),
             description=_DESCRIPTIONS[family],
+            covers=("torch.nn.Linear and subclasses (not GPT-2's Conv1D)",),
             options=OPTION_DOCS,
         )
         for family in ("int8", "fp4", "nf4")

@@ -276,6 +276,7 @@ def all_backends() -> list[AttentionBackend]:
             priority=20,
             features=frozenset({"backward", "gqa", "window", "alibi", "dropout"}),
             description="flash-attn's flash_attn_varlen_func (CUDA, fp16/bf16, sm80+)",
+            packages={"flash-attn": ">=2.5"},
         ),
         AttentionBackend(
             name="torch",

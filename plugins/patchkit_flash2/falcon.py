@@ -141,6 +141,7 @@ def build(module: Any, ctx: Any) -> nn.Module:
         backend=pick_backend(module, ctx, _needs(module)),
         alibi_slopes=alibi_slopes(module) if module.config.alibi else None,
     )
+    ctx.note(f"kernel: {state.backend.name} ({state.backend.plugin})")
     cls: Any = type(module)
     new = share_as(module, flash2_class(cls))
     new.__dict__[dispatch.STATE_ATTR] = state
@@ -170,4 +171,5 @@ def patcher() -> Patcher:
         setup=setup,
         priority=20,
         description="FlashAttention-2 varlen kernels for Falcon (all fused-qkv layouts, rotary and ALiBi)",
+        covers=("FalconAttention", "Falcon"),
     )

@@ -61,6 +61,7 @@ def check(module: Any, ctx: Any) -> str | None:
 def build(module: Any, ctx: Any) -> None:
     """Store the kernel on the module instance (journaled); the module object stays in place."""
     backend = pick_backend(module, ctx, _needs(module))
+    ctx.note(f"kernel: {backend.name} ({backend.plugin})")
     ctx.set_attr(module, dispatch.STATE_ATTR, dispatch.Flash2State(backend=backend))
     return None
 
@@ -97,4 +98,5 @@ def patcher() -> Patcher:
         setup=setup,
         priority=20,
         description="FlashAttention-2 varlen kernels for Llama and Mistral, padding-free where exact",
+        covers=("LlamaAttention", "MistralAttention", "Llama", "Mistral"),
     )

@@ -31,6 +31,7 @@ def register_patchers(register: Callable[[Any], None]) -> None:
             check=bert.check,
             build=bert.build,
             description="BERT-structured encoder, padding-free (packed tokens, per-sequence SDPA)",
+            covers=("BertModel", "RobertaModel", "XLMRobertaModel", "BERT-structured encoders"),
         )
     )
     register(
@@ -42,5 +43,14 @@ def register_patchers(register: Callable[[Any], None]) -> None:
             check=opt.check,
             build=opt.build,
             description="OPT decoder: padding-free forward without cache, SDPA with the KV cache",
+            covers=("OPTModel", "OPTForCausalLM"),
         )
     )
+
+
+@hookimpl
+def register_demos(register: Callable[[Any], None]) -> None:
+    """``patchkit demo``: the MiniLM-shaped encoder (see :mod:`patchkit_sdpa.demo`)."""
+    from .demo import DEMO
+
+    register(DEMO)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .attention_backends import AttentionBackend
 from .checkpoint import TensorSource
+from .demo import Demo, DemoCase
 from .engine import (
     PatchkitWarning,
     PatchReport,
@@ -39,7 +40,9 @@ from .registry import PluginInfo, Registry, default_registry
 
 
 def plugins() -> list[PluginInfo]:
-    """Every discovered plugin: name, version, patchers, backends, status (loaded / skipped / failed) and reason."""
+    """Every discovered plugin: name, version, status (loaded / unavailable / skipped / failed), reason
+    (with the install hint when unavailable), patchers (scoped names, kind, family, what they cover)
+    and attention backends (with why one cannot run here)."""
     return default_registry().plugins()
 
 
@@ -48,6 +51,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionBackend",
     "ConflictError",
+    "Demo",
+    "DemoCase",
     "NotPatchedError",
     "PatchContext",
     "PatchError",

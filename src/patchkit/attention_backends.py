@@ -7,8 +7,8 @@ what a backend computes is described here so third parties can add one through t
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -26,6 +26,8 @@ class AttentionBackend:
     ``device`` with ``dtype`` and the features in ``needs`` (e.g. ``{"alibi", "window", "backward"}``),
     else a one-line reason that says what to change. ``auto=False`` keeps it out of
     ``backend="auto"`` (the pure-PyTorch reference is only used when asked for by name).
+    ``packages``: ``{"distribution": "specifier"}`` the kernel needs; while one is missing the
+    backend is listed as unavailable (with the install command) and never chosen.
     """
 
     name: str
@@ -35,7 +37,26 @@ class AttentionBackend:
     auto: bool = True
     features: frozenset[str] = frozenset()
     description: str = ""
+    packages: Mapping[str, str] = field(default_factory=dict)
     plugin: str = ""
+
+
+def missing_packages(packages: Mapping[str, str]) -> str | None:
+    """Why ``packages`` (``{"distribution": "specifier"}``) are not satisfied here, with the pip command;
+    ``None`` when every one is installed in a matching version. Reads package metadata only."""
+    from importlib import metadata
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    for package, spec in packages.items():
+        try:
+            have = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return f"needs {package}{spec}, which is not installed: pip install '{package}{spec}'"
+        if Version(have) not in SpecifierSet(spec, prereleases=True):
+            return f"needs {package}{spec}, found {have}: pip install -U '{package}{spec}'"
+    return None
 
 
 def resolve_backend(
@@ -58,6 +79,9 @@ def resolve_backend(
         missing = sorted(needs - backend.features)
         if missing:
             return f"does not support {', '.join(missing)}"
+        problem = missing_packages(backend.packages)
+        if problem is not None:
+            return problem
         return backend.unavailable(device, dtype, needs)
 
     if name != "auto":

@@ -1,7 +1,8 @@
-"""``patchkit demo``: patch an embedded model, check outputs, time both, reverse, prove exactness.
+"""``patchkit demo``: run a demo a plugin offers: patch, check outputs, time both, reverse, prove exactness.
 
-The model is built from the config below with random weights (nothing is downloaded): the shape
-of all-MiniLM-L6-v2, a sentence-embedding encoder, run on a padded batch as a server would.
+Core names no architecture: the model, its inputs and the ``apply`` arguments come from a
+plugin's ``register_demos`` hook (the first-party attention plugin offers one).
+This module only runs what a :class:`Demo` builds and measures it.
 """
 
 from __future__ import annotations
@@ -9,33 +10,59 @@ from __future__ import annotations
 import io
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-DEMO_CONFIG: dict[str, Any] = {
-    "model_type": "bert",
-    "hidden_size": 384,
-    "num_hidden_layers": 6,
-    "num_attention_heads": 12,
-    "intermediate_size": 1536,
-    "vocab_size": 30522,
-    "max_position_embeddings": 512,
-    "attn_implementation": "sdpa",
-}
+if TYPE_CHECKING:
+    from .registry import Registry
+
+
+@dataclass
+class DemoCase:
+    """What a demo's ``build(quick)`` returns.
+
+    ``model``: the model in inference mode, random weights. ``inputs``: keyword arguments of its
+    forward. ``apply``: keyword arguments of :func:`patchkit.apply` (e.g. ``{"patch": "nodropout"}``).
+    ``output(result)``: the tensor to compare from a forward's result. ``valid``: a boolean mask
+    selecting the compared elements (e.g. real tokens, not padding), or ``None`` for all.
+    ``tolerance``: the largest acceptable ``max |patched - original|``. ``lines``: what to print
+    about the model and the batch.
+    """
+
+    model: nn.Module
+    inputs: Mapping[str, Any]
+    apply: Mapping[str, Any]
+    output: Callable[[Any], torch.Tensor]
+    valid: torch.Tensor | None = None
+    tolerance: float = 1e-4
+    lines: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Demo:
+    """A demo a plugin offers through ``register_demos``: ``build(quick: bool) -> DemoCase``."""
+
+    name: str
+    build: Callable[[bool], DemoCase]
+    description: str = ""
+    plugin: str = ""  # filled in by the registry
 
 
 def _fingerprint(model: nn.Module) -> tuple[Any, ...]:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
+    config = getattr(model, "config", None)
     return (
         [(name, id(m), type(m)) for name, m in model.named_modules(remove_duplicate=False)],
         [(name, id(p), p.data_ptr()) for name, p in model.named_parameters()],
         buf.getvalue(),
-        getattr(model.config, "_attn_implementation", None),
+        sorted(vars(config).items(), key=lambda kv: kv[0]).__repr__() if config is not None else None,
     )
 
 
@@ -48,11 +75,11 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times) * 1000
 
 
-def _status_kib(field: str) -> int:
+def _status_kib(name: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
+        if line.startswith(name + ":"):
             return int(line.split()[1])
-    raise KeyError(field)
+    raise KeyError(name)
 
 
 def _peak_rss_growth_mib(fn: Callable[[], Any]) -> float | None:
@@ -66,44 +93,70 @@ def _peak_rss_growth_mib(fn: Callable[[], Any]) -> float | None:
         return None
 
 
-def run_demo(quick: bool = False) -> int:
-    """Run the demo, print what happened; returns 0 when outputs match and reverse is exact."""
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """Run with at most ``n`` intra-op threads, and give the process its setting back afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(n, before))
     try:
-        from transformers import AutoConfig, AutoModel
-    except ImportError:
-        print("patchkit demo needs transformers: pip install 'patchkit[transformers]'")
-        return 2
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def pick_demo(registry: Registry, name: str | None = None) -> Demo:
+    """The demo called ``name`` (``"plugin:name"`` or a bare name), or the first one registered.
+
+    Raises :class:`~patchkit.UnsupportedError` naming the registered demos when there is none such.
+    """
+    from .errors import UnsupportedError
+
+    demos = registry.demos()
+    if name is None and demos:
+        return demos[sorted(demos)[0]]
+    matches = [d for key, d in demos.items() if name in (key, d.name)]
+    if len(matches) == 1:
+        return matches[0]
+    known = ", ".join(sorted(demos)) or "none (no loaded plugin offers one; see `patchkit plugins`)"
+    raise UnsupportedError(f"no demo {name!r} (ambiguous or unknown); registered demos: {known}")
+
+
+def run_demo(quick: bool = False, name: str | None = None, registry: Registry | None = None) -> int:
+    """Run a registered demo and print what happened; returns 0 when the outputs match within the
+    demo's tolerance and reverse restored the model exactly, 1 otherwise. Restores the process's
+    torch thread count and random state on return."""
     import patchkit
 
-    torch.manual_seed(0)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    config = AutoConfig.for_model(**{k: v for k, v in DEMO_CONFIG.items() if k != "attn_implementation"})
-    model = AutoModel.from_config(config, attn_implementation=DEMO_CONFIG["attn_implementation"]).eval()
-    batch, seq = (8, 64) if quick else (32, 256)
-    lengths = torch.randint(seq // 10, seq + 1, (batch,))
-    lengths[0] = seq
-    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
-    ids = torch.randint(1000, config.vocab_size, (batch, seq)) * mask
-    padding = 1 - mask.float().mean().item()
-    print(
-        f"model: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-        f"random init from an embedded config (all-MiniLM-L6-v2 shape); baseline = transformers' own SDPA"
-    )
-    print(f"batch: {batch} x {seq} tokens, {padding:.0%} padding (right-padded)")
+    registry = registry or patchkit.default_registry()
+    demo = pick_demo(registry, name)
+    with _threads(2), torch.random.fork_rng():
+        torch.manual_seed(0)
+        case = demo.build(quick)
+        return _run(demo, case, quick, registry)
+
+
+def _run(demo: Demo, case: DemoCase, quick: bool, registry: Registry) -> int:
+    import patchkit
+
+    model = case.model
+    print(f"demo {demo.plugin}:{demo.name}: {demo.description}")
+    for line in case.lines:
+        print(line)
 
     def forward() -> torch.Tensor:
         with torch.inference_mode():
-            return model(input_ids=ids, attention_mask=mask).last_hidden_state
+            return case.output(model(**case.inputs))
+
+    def compared(out: torch.Tensor) -> torch.Tensor:
+        return out if case.valid is None else out[case.valid]
 
     before = _fingerprint(model)
     reference = forward()
     o_mem = _peak_rss_growth_mib(forward)
-    report = patchkit.apply(model, attention="sdpa")
+    report = patchkit.apply(model, registry=registry, **case.apply)
     print(report)
-    patched_out = forward()
-    valid = mask.bool()
-    diff = (patched_out[valid] - reference[valid]).abs().max().item()
-    print(f"outputs on real tokens: max |patched - original| = {diff:.2e}")
+    diff = (compared(forward()) - compared(reference)).abs().max().item()
+    print(f"outputs on compared elements: max |patched - original| = {diff:.2e} (tolerance {case.tolerance:.0e})")
     p_mem = _peak_rss_growth_mib(forward)
 
     repeats = 3 if quick else 7
@@ -112,7 +165,7 @@ def run_demo(quick: bool = False) -> int:
         patched_ms.append(_median_ms(forward, 1))
         patchkit.reverse(model)
         original_ms.append(_median_ms(forward, 1))
-        patchkit.apply(model, attention="sdpa")
+        patchkit.apply(model, registry=registry, **case.apply)
     p_ms, o_ms = statistics.median(patched_ms), statistics.median(original_ms)
     print(
         f"speed: original {o_ms:.1f} ms, patched {p_ms:.1f} ms per forward -> speed-up {o_ms / p_ms:.2f}x "
@@ -126,6 +179,6 @@ def run_demo(quick: bool = False) -> int:
         f"reverse restored the original exactly (same module and parameter objects, same bytes): "
         f"{'yes' if exact else 'NO'}"
     )
-    ok = exact and diff <= 1e-4
+    ok = exact and diff <= case.tolerance
     print("demo OK" if ok else "demo FAILED")
     return 0 if ok else 1

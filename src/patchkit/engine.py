@@ -29,7 +29,14 @@ class PatchkitWarning(UserWarning):
 
 @dataclass
 class Swap:
-    """One patched module in a report."""
+    """One patched module in a report.
+
+    ``paths``: every qualified name the module sits at (``list[str]``; ``""`` is the root).
+    ``original``: its class name (``str``). ``replacement``: the replacement's class name, or
+    ``"<original class> (in place)"`` when ``build`` returned ``None``. ``patcher`` and ``plugin``:
+    names (``str``; ``plugin:patcher`` is the scoped name). ``notes``: ``list[str]`` the patcher
+    added with ``ctx.note`` (reverse may append more, e.g. a dequantization error).
+    """
 
     paths: list[str]
     original: str
@@ -41,7 +48,13 @@ class Swap:
 
 @dataclass
 class PatchReport:
-    """What one ``apply`` did. ``str(report)`` is a readable table."""
+    """What one ``apply`` did. ``str(report)`` is a readable table, 100 columns wide (notes wrap).
+
+    ``applied``: :func:`applied`-style keys (``attention``, ``quantize``, ``patch:<family>``) to
+    families. ``swaps``: one :class:`Swap` per patched module. ``skipped``: one
+    :class:`~patchkit.planning.Skipped` per candidate left alone. ``notes``: model-level lines from
+    the patchers' ``setup``.
+    """
 
     applied: dict[str, str]
     swaps: list[Swap]
@@ -49,15 +62,20 @@ class PatchReport:
     notes: list[str] = field(default_factory=list)  # model-level notes from patchers' setup()
 
     def __str__(self) -> str:
-        what = ", ".join(f"{k}={v}" for k, v in self.applied.items())
+        what = ", ".join(applied_label(k, v) for k, v in self.applied.items())
         parts = [f"patchkit applied {what}: {len(self.swaps)} patched, {len(self.skipped)} left alone"]
         parts += [f"  {note}" for note in self.notes]
         if self.swaps:
             rows = [
-                (", ".join(s.paths) or "<root>", s.original, s.replacement, s.patcher, s.plugin, "; ".join(s.notes))
+                (
+                    ", ".join(s.paths) or "<root>",
+                    s.replacement if s.replacement.endswith("(in place)") else f"{s.original} -> {s.replacement}",
+                    f"{s.plugin}:{s.patcher}" if s.plugin else s.patcher,
+                    "; ".join(s.notes),
+                )
                 for s in self.swaps
             ]
-            parts.append(_table(rows, ("path", "original", "replacement", "patcher", "plugin", "notes")))
+            parts.append(_table(rows, ("path", "change", "patcher", "notes")))
         if self.skipped:
             rows2 = [(s.path or "<root>", s.module_class, s.patcher, s.reason) for s in self.skipped]
             parts.append(_table(rows2, ("left alone", "class", "patcher", "reason")))
@@ -93,7 +111,6 @@ def plan(
         backend=backend,
         options=options,
         registry=registry,
-        dry_run=True,
     )
 
 
@@ -186,7 +203,7 @@ def _apply(
             )
             swaps += _run_stage(model, stage, journal, backend, options, registry, notes, ddp, commits)
             stage.cache.clear()  # the contexts stay in the journal; what plugins cached must not
-            layer.patchers.update({p.patcher_obj.name: p.patcher_obj for p in stage.patches})
+            layer.patchers.update({p.patcher_obj.qualname: p.patcher_obj for p in stage.patches})
             skipped += stage.skipped
     except BaseException as exc:
         _roll_back(holder, journal, layer, exc)
@@ -267,7 +284,7 @@ def _run_stage(
             journal.replace(node.module, replacement, node.edges, patcher, ctx)
             new_class = type(replacement).__name__
         swaps.append(Swap(list(node.paths), planned.module_class, new_class, patcher.name, patcher.plugin, ctx.notes))
-        by_patcher.setdefault(patcher.name, (patcher, []))[1].extend(node.paths)
+        by_patcher.setdefault(patcher.qualname, (patcher, []))[1].extend(node.paths)
     for patcher, paths in by_patcher.values():
         if patcher.setup is not None:
             ctx = PatchContext(
@@ -442,16 +459,24 @@ def _stage_key(kind: str, family: str) -> str:
     return kind if kind != "other" else f"patch:{family}"
 
 
+def applied_label(key: str, family: str) -> str:
+    """How reports, plans and errors name an applied stage: the keyword of ``apply`` and its value
+    (``attention=sdpa``, ``quantize=int8``, ``patch=nodropout``), for an :func:`applied` key."""
+    return f"{key.split(':', 1)[0]}={family}"
+
+
 def _check_not_applied(model: nn.Module, stages: list[tuple[str, str]]) -> None:
     keys = [_stage_key(kind, family) for kind, family in stages]
     if len(set(keys)) != len(keys):
         raise ConflictError(f"each kind may be requested once per apply, got {stages}")
     current = applied(model)
-    for (kind, family), key in zip(stages, keys, strict=False):
+    for (_, family), key in zip(stages, keys, strict=False):
         if key in current:
+            what = applied_label(key, current[key])
+            again = " again" if current[key] == family else ""
             raise ConflictError(
-                f"{kind}={current[key]!r} is already applied to this model; call patchkit.reverse(model) before "
-                f"applying {kind}={family!r} again"
+                f"{what} is already applied to this model; call patchkit.reverse(model) before applying "
+                f"{applied_label(key, family)}{again}"
             )
 
 
@@ -485,7 +510,7 @@ class _SaveGuard:
 
 
 def _refusal(root: nn.Module, name: str, module: nn.Module | None = None) -> str:
-    kinds = ", ".join(f"{k}={v}" for k, v in applied(root).items()) or "patches"
+    kinds = ", ".join(applied_label(k, v) for k, v in applied(root).items()) or "patches"
     owner = type(module if module is not None else root).__name__
     return (
         f"{owner}.{name}() refused: the model is patched by patchkit ({kinds}) and its checkpoint would differ "

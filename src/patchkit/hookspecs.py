@@ -25,3 +25,12 @@ def register_patchers(register: Callable[[Any], None]) -> None:
 @hookspec
 def register_attention_backends(register: Callable[[Any], None]) -> None:
     """Offer attention kernels: call ``register(patchkit.AttentionBackend(...))`` once per kernel."""
+
+
+@hookspec
+def register_demos(register: Callable[[Any], None]) -> None:
+    """Offer demos for ``patchkit demo``: call ``register(patchkit.Demo(...))`` once per demo.
+
+    A demo builds a model the plugin patches (from an embedded config, nothing downloaded), its
+    inputs and the ``apply`` arguments; core runs, compares, times and reverses it.
+    """

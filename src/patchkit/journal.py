@@ -86,9 +86,6 @@ class _Replace:
         for parent, name in self.edges:
             parent._modules[name] = self.original
 
-    def describe(self) -> str:
-        return f"replace {type(self.original).__name__} -> {type(self.replacement).__name__}"
-
     def problem(self, undone_later: dict[int, nn.Module]) -> str | None:
         """Why this swap cannot be undone exactly, given what newer layers will put back first."""
         for parent, name in self.edges:
@@ -298,9 +295,6 @@ class Journal:
             for entry, current, had in reversed(changed):
                 if had or entry.old is not _MISSING:
                     setattr(entry.obj, entry.name, current)
-
-    def __len__(self) -> int:
-        return sum(len(layer.entries) for layer in self.layers)
 
     # -- copies -------------------------------------------------------------------------------------
     def __deepcopy__(self, memo: dict[int, Any]) -> Journal:

@@ -323,7 +323,6 @@ def _load(
             backend=backend,
             options=options,
             registry=registry,
-            dry_run=True,
         )
         _, journal = _journal_for(model)
         layer = journal.begin({_stage_key(k, f): f for k, f in stages})
@@ -332,10 +331,10 @@ def _load(
             stage = (
                 upfront.stages[index]
                 if index == 0
-                else _plan(model, kind, family, only_p, skip_p, strict, backend, options, registry, dry_run=True)
+                else _plan(model, kind, family, only_p, skip_p, strict, backend, options, registry)
             )
             swaps += _run_stage(model, stage, journal, backend, options, registry, notes, False, commits)
-            layer.patchers.update({p.patcher_obj.name: p.patcher_obj for p in stage.patches})
+            layer.patchers.update({p.patcher_obj.qualname: p.patcher_obj for p in stage.patches})
             skipped += stage.skipped
             built.append(stage)
         if quant:
@@ -343,9 +342,9 @@ def _load(
             deferred = (
                 upfront.stages[len(pre)]
                 if not pre
-                else _plan(model, kind, family, only_p, skip_p, strict, backend, options, registry, dry_run=True)
+                else _plan(model, kind, family, only_p, skip_p, strict, backend, options, registry)
             )
-            layer.patchers.update({p.patcher_obj.name: p.patcher_obj for p in deferred.patches})
+            layer.patchers.update({p.patcher_obj.qualname: p.patcher_obj for p in deferred.patches})
             skipped += deferred.skipped
 
     # -- what the checkpoint does not hold: created on the target device, initialised like transformers --
@@ -437,9 +436,9 @@ def _load(
         _run_setups(model, deferred, quant_swaps, journal, backend, options, registry, notes, commits)
     for kind, family in post:
         assert journal is not None and layer is not None
-        stage = _plan(model, kind, family, only_p, skip_p, strict, backend, options, registry, dry_run=False)
+        stage = _plan(model, kind, family, only_p, skip_p, strict, backend, options, registry)
         swaps += _run_stage(model, stage, journal, backend, options, registry, notes, False, commits)
-        layer.patchers.update({p.patcher_obj.name: p.patcher_obj for p in stage.patches})
+        layer.patchers.update({p.patcher_obj.qualname: p.patcher_obj for p in stage.patches})
         skipped += stage.skipped
     for stage in built:  # built on meta: their device requirements are checked on the loaded tensors
         for planned in stage.patches:
@@ -486,8 +485,6 @@ def _plan(
     backend: str,
     options: dict[str, Any],
     registry: Registry,
-    *,
-    dry_run: bool,
 ) -> Stage:
     return plan_stage(
         model,
@@ -500,7 +497,6 @@ def _plan(
         backend=backend,
         options=options,
         registry=registry,
-        dry_run=dry_run,
     )
 
 

@@ -91,7 +91,13 @@ class Patcher:
     description: str = ""
     options: Mapping[str, str] | None = None  # option name -> description; None: undeclared (accept any)
     same_checkpoint: bool | None = None  # None: True for kind "attention", else False
+    covers: tuple[str, ...] = ()  # what it patches, in words users search for: classes, architectures
     plugin: str = ""  # filled in by the registry: which plugin registered it
+
+    @property
+    def qualname(self) -> str:
+        """``plugin:name``: unique in a registry (bare names may repeat across plugins)."""
+        return f"{self.plugin}:{self.name}" if self.plugin else self.name
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Patcher:
         return self  # immutable plugin data: a copied model's journal refers to the same patcher
@@ -125,8 +131,7 @@ class PatchContext:
         backend: str = "auto",
         journal: Journal | None = None,
         selected: tuple[str, ...] = (),
-        registry: Registry | None = None,
-        dry_run: bool = False,
+        registry: Registry,
         cache: dict[Any, Any] | None = None,
         commits: list[Callable[[], None]] | None = None,
         sources: Mapping[int, tuple[Any, Any]] | None = None,
@@ -138,10 +143,7 @@ class PatchContext:
         self.backend = backend
         self.journal = journal
         self.selected = selected  # in setup(): the paths this patcher swapped in this apply
-        self._registry = registry
-        # True when called from patchkit.plan() (nothing will be built): a check may accept a
-        # model on the meta device that it could not actually patch yet.
-        self.dry_run = dry_run
+        self.registry = registry  # the registry this apply/plan runs against (backends, patchers)
         self.notes: list[str] = []
         # Lives for one stage of one apply (or one plan): facts a plugin computes once per model.
         self.cache: dict[Any, Any] = cache if cache is not None else {}
@@ -155,7 +157,7 @@ class PatchContext:
         new = PatchContext.__new__(PatchContext)
         memo[id(self)] = new
         for key, value in self.__dict__.items():
-            if key in ("patcher", "_registry"):
+            if key in ("patcher", "registry"):
                 new.__dict__[key] = value
             elif key == "cache":
                 new.__dict__[key] = {}
@@ -164,15 +166,6 @@ class PatchContext:
             else:
                 new.__dict__[key] = copy.deepcopy(value, memo)
         return new
-
-    @property
-    def registry(self) -> Registry:
-        """The registry this apply/plan runs against (its attention backends, its patchers)."""
-        if self._registry is None:
-            from .registry import default_registry
-
-            self._registry = default_registry()
-        return self._registry
 
     @property
     def path(self) -> str:

@@ -54,12 +54,38 @@ class Stage:
     skipped: list[Skipped] = field(default_factory=list)
     cache: dict[Any, Any] = field(default_factory=dict, repr=False)  # ctx.cache for this stage's calls
 
+    @property
+    def label(self) -> str:
+        """The stage as ``apply``'s keyword and value: ``attention=sdpa``, ``patch=nodropout``."""
+        return f"{KEYWORDS[self.kind]}={self.family}"
 
-def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+
+KEYWORDS = {"attention": "attention", "quantize": "quantize", "other": "patch"}  # kind -> apply() keyword
+
+
+TABLE_WIDTH = 100  # reports and plans fit a 100-column terminal: the last column wraps
+
+
+def _table(rows: Sequence[Sequence[str]], header: Sequence[str], width: int = TABLE_WIDTH) -> str:
+    """A plain-text table; the last column (notes, reasons) wraps so lines stay within ``width``
+    (unless the other columns alone are wider)."""
+    import textwrap
+
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    line = "  ".join("-" * w for w in widths)
-    out = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=False)), line]
-    out += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)) for row in rows]
+    indent = sum(widths[:-1]) + 2 * (len(widths) - 1)
+    last = max(24, width - indent)
+    widths[-1] = min(widths[-1], last)
+
+    def render(row: Sequence[str]) -> list[str]:
+        head = "  ".join(str(c).ljust(w) for c, w in zip(row[:-1], widths[:-1], strict=False))
+        wrapped = textwrap.wrap(str(row[-1]), last, break_on_hyphens=False) or [""]
+        lines = [(head + "  " if len(row) > 1 else "") + wrapped[0]]
+        lines += [" " * indent + more for more in wrapped[1:]]
+        return [line.rstrip() for line in lines]
+
+    out = render(header) + ["  ".join("-" * w for w in widths)]
+    for row in rows:
+        out += render(row)
     return "\n".join(out)
 
 
@@ -82,7 +108,7 @@ class Plan:
     def __str__(self) -> str:
         parts = []
         for stage in self.stages:
-            parts.append(f"{stage.kind}={stage.family}: {len(stage.patches)} to patch, {len(stage.skipped)} left alone")
+            parts.append(f"{stage.label}: {len(stage.patches)} to patch, {len(stage.skipped)} left alone")
             if stage.patches:
                 rows = [(", ".join(p.paths) or "<root>", p.module_class, p.patcher, p.plugin) for p in stage.patches]
                 parts.append(_table(rows, ("path", "class", "patcher", "plugin")))
@@ -147,12 +173,35 @@ def check_requirements(patcher: Patcher, module: nn.Module) -> None:
 
 
 def select_patchers(registry: Registry, kind: str, family: str) -> list[Patcher]:
-    """Patchers of ``kind`` that ``family`` selects (``"auto"``: all of that kind), highest priority first."""
-    candidates = [p for p in registry.patchers() if p.kind == kind and (family == "auto" or p.family == family)]
+    """Patchers of ``kind`` that ``family`` selects, highest priority first.
+
+    ``family`` is a family name (``"int8"``), ``"auto"`` (every patcher of that kind), or scoped to
+    one plugin as ``"plugin:family"`` (``"bnb:int8"``: only plugin ``bnb``'s, when another plugin
+    offers a family of the same name). Raises :class:`UnsupportedError` naming what is available,
+    and the install hint when an unavailable plugin offers the family.
+    """
+    plugin, _, bare = family.rpartition(":")
+    candidates = [
+        p
+        for p in registry.patchers()
+        if p.kind == kind and (bare == "auto" or p.family == bare) and (not plugin or p.plugin == plugin)
+    ]
     if not candidates:
+        keyword = KEYWORDS[kind]
         known = sorted({p.family for p in registry.patchers() if p.kind == kind})
+        offered = [
+            p
+            for p in registry.unavailable_patchers()
+            if p.kind == kind and p.family == bare and (not plugin or p.plugin == plugin)
+        ]
+        if offered:
+            info = {i.name: i for i in registry.plugins()}.get(offered[0].plugin)
+            why = info.reason if info is not None else "unavailable"
+            raise UnsupportedError(
+                f"{keyword}={family!r} is offered by plugin {offered[0].plugin!r}, which is unavailable here: {why}"
+            )
         raise UnsupportedError(
-            f"no {kind} patcher of family {family!r} is registered; available: {known or 'none'}. "
+            f"no {keyword} patcher of family {family!r} is registered; available: {known or 'none'}. "
             f"Run `patchkit plugins` to see which plugins loaded and why others did not"
         )
     return candidates
@@ -170,7 +219,6 @@ def plan_stage(
     backend: str,
     options: Mapping[str, Any],
     registry: Registry,
-    dry_run: bool = False,
 ) -> Stage:
     """Choose a patcher for each module of ``root`` for one kind, running every check; mutate nothing."""
     stage = Stage(kind, family)
@@ -194,9 +242,7 @@ def plan_stage(
         if only and not any(name_matches(p, only) for p in node.paths):
             stage.skipped.append(Skipped(path, cls, candidates[0].name, "not selected by `only`"))
             continue
-        chosen, reasons, first_error = _choose(
-            candidates, module, root, node, backend, options, registry, dry_run, stage.cache
-        )
+        chosen, reasons, first_error = _choose(candidates, module, root, node, backend, options, registry, stage.cache)
         if chosen is None:
             if first_error is not None and strict:
                 raise UnsupportedError(f"cannot patch {path or '<root>'} ({cls}): {first_error}") from first_error
@@ -215,7 +261,6 @@ def _choose(
     backend: str,
     options: Mapping[str, Any],
     registry: Registry,
-    dry_run: bool,
     cache: dict[Any, Any],
 ) -> tuple[Patcher | None, list[str], UnsupportedError | None]:
     """The highest-priority candidate whose checks pass; a tie between two passing ones is a conflict."""
@@ -232,7 +277,6 @@ def _choose(
             options=options,
             backend=backend,
             registry=registry,
-            dry_run=dry_run,
             cache=cache,
         )
         try:
@@ -284,7 +328,6 @@ def build_plan(
     backend: str,
     options: Mapping[str, Any],
     registry: Registry,
-    dry_run: bool = False,
 ) -> Plan:
     """Plan every requested stage against ``root`` as it is now."""
     check_options(registry, stages, options)
@@ -303,12 +346,11 @@ def build_plan(
             backend=backend,
             options=options,
             registry=registry,
-            dry_run=dry_run,
         )
         if strict and not stage.patches:
             why = "; ".join(f"{s.path}: {s.reason}" for s in stage.skipped[:3])
             raise UnsupportedError(
-                f"{kind}={family!r} found nothing to patch in {type(root).__name__}"
+                f"{KEYWORDS[kind]}={family!r} found nothing to patch in {type(root).__name__}"
                 + (f" ({why})" if why else f"; patchers tried: {[p.name for p in patchers]}")
                 + ". Pass strict=False to accept a no-op"
             )
@@ -336,7 +378,7 @@ def check_options(registry: Registry, stages: Sequence[tuple[str, str]], options
     name = unknown[0]
     close = difflib.get_close_matches(name, list(declared), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    families = ", ".join(f"{k}={f!r}" for k, f in stages)
+    families = ", ".join(f"{KEYWORDS[k]}={f!r}" for k, f in stages)
     raise UnsupportedError(
         f"unknown option {name!r} for {families}.{hint} Valid options: {sorted(declared) or 'none'} "
         "(see `patchkit plugins` and the patcher docs)"

@@ -9,8 +9,8 @@ from torch import nn
 
 import patchkit
 
-PATCHKIT_API = ">=1,<2"  # the patchkit plugin API this plugin was written for
-REQUIRES = {"torch": ">=2.0"}  # packages it needs; patchkit skips the plugin if unmet
+PATCHKIT_API = ">=1.1,<2"  # the patchkit plugin API this plugin was written for (1.1: covers)
+REQUIRES = {"torch": ">=2.0"}  # packages it needs; patchkit lists the plugin as unavailable if unmet
 
 
 class NoDropout(nn.Dropout):
@@ -21,7 +21,7 @@ class NoDropout(nn.Dropout):
 
 
 def build(module: nn.Module, ctx: patchkit.PatchContext) -> nn.Module:
-    # share_as: same parameters, buffers and hooks; no __init__, no copy.
+    # share_as: same parameters, buffers, submodules and hooks; no __init__, no copy.
     return patchkit.share_as(module, NoDropout)
 
 
@@ -42,5 +42,8 @@ def register_patchers(register):
             build=build,
             check=check,
             description="Dropout -> identity for inference",
+            covers=("torch.nn.Dropout and subclasses",),
+            options={"allow_training": "also patch modules in training mode (default False)"},
+            same_checkpoint=True,  # same state dict: saving while patched writes the original model
         )
     )

@@ -1,4 +1,8 @@
-"""The sdpa benchmark's GPU entry point dry-runs on the CPU (small=True) and returns JSON-able results."""
+"""The sdpa benchmark's GPU entry point dry-runs on the CPU (small=True) and returns JSON-able results.
+
+A benchmark, not a unit test: it lives in bench/ (outside the suite's testpaths) and runs with
+``python -m pytest bench/test_sdpa_bench.py`` or as part of ``python bench/gpu_check.py --small``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import importlib.util
 import json
 import pathlib
 
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_sdpa.py"
+BENCH = pathlib.Path(__file__).resolve().parent / "bench_sdpa.py"
 
 
 def test_gpu_checks_dry_run_on_cpu() -> None:
