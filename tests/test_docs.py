@@ -54,8 +54,8 @@ GUIDE_ITEMS = {
     "match needs the class": "**`match=` needs the class, so import heavy packages inside the hook.**",
     "conflict test": "**Conflicts**",
     "fault injection through a Registry": "**Fault injection**: subclass `Registry`",
-    "bnb Linear only": "`nn.Linear` **and its subclasses\nonly**",
-    "Conv1D": "GPT-2's `Conv1D` is not an `nn.Linear`",
+    "bnb layer types": "quantizes `nn.Linear` **and its subclasses**",
+    "Conv1D": "plus transformers' `Conv1D`",
     # issue 10's contract
     "two-phase apply": "**`build` and `setup` must not destroy anything a rollback needs**",
     "on_commit": "`ctx.on_commit(step)`",
