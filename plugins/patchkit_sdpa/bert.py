@@ -11,7 +11,6 @@ a KV cache, cross-attention inputs, unknown kwargs) runs the original forward wi
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -22,8 +21,8 @@ from patchkit import PatchContext, UnsupportedError, share_as
 from ._inference import inference_ready, linear
 from ._masks import key_padding
 from ._packing import Packing, make_packing, pack, run_layers, unpack, varlen_sdpa
-from ._runtime import capture_requested, unexpected_kwargs
-from ._verify import foreign_hooks, method_differs
+from ._runtime import capture_requested, hooks_reason, unexpected_kwargs, warn_fallback
+from ._verify import hooked_modules, method_differs
 
 # kwargs the host passes to the encoder that the packed path may ignore when they are falsy/None.
 _IGNORABLE = frozenset({"position_ids", "output_attentions", "output_hidden_states", "return_dict", "use_cache"})
@@ -88,9 +87,6 @@ def _layer_problems(layer: Any, ref: dict[str, type]) -> list[str]:
         problems.append("decoder (causal) self-attention")
     if hasattr(layer, "crossattention") or getattr(att, "is_cross_attention", False):
         problems.append("cross-attention")
-    for name, mod in parts.items():
-        if hooks := foreign_hooks(mod):
-            problems.append(f"hooks {hooks} on the {name} module (the packed path would skip them)")
     return problems
 
 
@@ -131,8 +127,10 @@ def check(module: Any, ctx: PatchContext) -> str | None:
             if any("differs" in p or "overridden" in p for p in problems):
                 return f"layer {i} is not verifiably BERT: {'; '.join(problems)}"
             raise UnsupportedError(f"layer {i}: {'; '.join(problems)}; leave it unpatched (strict=False)")
-    if foreign_hooks(module.layer):
-        raise UnsupportedError("hooks on the encoder's layer list; leave it unpatched (strict=False)")
+    if hooked := hooked_modules(module, include_global=False):
+        raise UnsupportedError(
+            f"{hooks_reason(hooked)}; remove the hooks before patching or leave the encoder unpatched (strict=False)"
+        )
     return None
 
 
@@ -194,7 +192,13 @@ def encode_packed(encoder: Any, hidden_states: torch.Tensor, keep: torch.Tensor 
 
 
 class PackedEncoderMixin:
-    """Mixed in front of the user's encoder class: padding-free forward, original forward as fallback."""
+    """Mixed in front of the user's encoder class: padding-free forward, original forward as fallback.
+
+    Hooks: the encoder's own hooks see the call as unpatched (padded outputs are zeros). A hook on
+    any module inside it (layer, attention, output, Linear, LayerNorm, ...; forward, pre, with
+    kwargs or backward) or a global module hook sends the call through the original forward, with
+    one ``patchkit.PatchkitWarning``: the hook then sees exactly the unpatched calls.
+    """
 
     def forward(
         self,
@@ -215,14 +219,13 @@ class PackedEncoderMixin:
             why = "attentions / hidden states were requested"
         elif extra := unexpected_kwargs(kwargs, _IGNORABLE):
             why = f"unsupported arguments {extra}"
+        elif hooked := hooked_modules(self):
+            why = hooks_reason(hooked)
         keep = None
         if why is None:
             keep, why = key_padding(attention_mask, hidden_states.shape[0], hidden_states.shape[1])
         if why is not None:
-            warnings.warn(
-                f"patchkit sdpa: {why}; running the original {type(self).__mro__[2].__name__} forward for this call",
-                stacklevel=2,
-            )
+            warn_fallback(why, type(self).__mro__[2].__name__)
             return super().forward(  # type: ignore[misc]
                 hidden_states,
                 attention_mask=attention_mask,

@@ -13,7 +13,6 @@ leaves at padding (``Linear(0) == bias`` exactly; inference only).
 from __future__ import annotations
 
 import types
-import warnings
 from typing import Any
 
 import torch
@@ -25,8 +24,8 @@ from patchkit import PatchContext, UnsupportedError
 from ._head import plain_linear_head, skip_zero_rows_forward
 from ._inference import inference_ready, linear
 from ._packing import Packing, make_packing, pack, run_layers, unpack, varlen_sdpa
-from ._runtime import capture_requested, unexpected_kwargs
-from ._verify import foreign_hooks, method_differs
+from ._runtime import capture_requested, hooks_reason, unexpected_kwargs, warn_fallback
+from ._verify import hooked_modules, method_differs
 
 _IGNORABLE = frozenset({"output_attentions", "output_hidden_states", "return_dict", "use_cache"})
 
@@ -58,6 +57,12 @@ def _reference() -> dict[str, type]:
     }
 
 
+def _exempt(decoder: Any) -> tuple[Any, ...]:
+    """Modules the packed path calls exactly as the original forward does: their hooks see the same call
+    (``embed_tokens(input_ids)``; ``model.enable_input_require_grads()`` hooks it for PEFT training)."""
+    return (decoder.embed_tokens,)
+
+
 def check(module: Any, ctx: PatchContext) -> str | None:
     """Leave alone (str) what is not OPT-structured; raise UnsupportedError for OPT setups it cannot do exactly."""
     try:
@@ -72,11 +77,10 @@ def check(module: Any, ctx: PatchContext) -> str | None:
         for mod, key in ((layer, "layer"), (getattr(layer, "self_attn", None), "attention")):
             if mod is None or (p := method_differs(mod, ref[key])) is not None:
                 return f"layer {i} is not verifiably OPT: {p or 'no self_attn'}"
-            if hooks := foreign_hooks(mod):
-                raise UnsupportedError(
-                    f"layer {i}: hooks {hooks} on {type(mod).__name__} (the packed path would skip them); "
-                    "leave it unpatched (strict=False)"
-                )
+    if hooked := hooked_modules(module, _exempt(module), include_global=False):
+        raise UnsupportedError(
+            f"{hooks_reason(hooked)}; remove the hooks before patching or leave the decoder unpatched (strict=False)"
+        )
     config = module.config
     if getattr(config, "output_attentions", False) or getattr(config, "output_hidden_states", False):
         raise UnsupportedError(
@@ -150,6 +154,8 @@ def _why_not_packed(
         return f"unsupported arguments {extra}"
     if (input_ids is None) == (inputs_embeds is None):
         return ""  # let the original raise its own error
+    if hooked := hooked_modules(decoder, _exempt(decoder)):
+        return hooks_reason(hooked)
     if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
         return "a non-2D attention mask"
     return None
@@ -173,7 +179,7 @@ def packed_forward(
     why = _why_not_packed(self, input_ids, attention_mask, cache, inputs_embeds, use_cache, position_ids, kwargs)
     if why is not None:
         if why:
-            warnings.warn(f"patchkit sdpa: {why}; running the original OPT decoder forward", stacklevel=2)
+            warn_fallback(why, "OPT decoder")
         original = type(self).forward.__get__(self)
         return original(
             input_ids=input_ids,
