@@ -107,7 +107,7 @@ def test_bert_hook_added_after_apply_sees_the_unpatched_call(where: str, kind: s
     assert len(warned) == 1 and "hook" in warned[0], warned
 
 
-@pytest.mark.parametrize("call", ["no-cache"])
+@pytest.mark.parametrize("call", ["no-cache", "plain"])
 @pytest.mark.parametrize("kind", ["forward", "pre", "kwargs"])
 @pytest.mark.parametrize("where", list(OPT_TARGETS))
 def test_opt_hook_added_after_apply_sees_the_unpatched_call(where: str, kind: str, call: str) -> None:

@@ -13,7 +13,8 @@ from types import CodeType
 from typing import Any
 
 
-def _unwrap(fn: Any) -> Any:
+def unwrap(fn: Any) -> Any:
+    """``fn`` with every decorator layer (``__wrapped__``) removed."""
     while hasattr(fn, "__wrapped__"):
         fn = fn.__wrapped__
     return fn
@@ -26,7 +27,7 @@ def _code_key(code: CodeType) -> tuple[Any, ...]:
 
 def same_code(fn: Any, reference: Any) -> bool:
     """True when ``fn`` and ``reference`` (functions, possibly decorated) compile to the same code."""
-    a, b = _unwrap(fn), _unwrap(reference)
+    a, b = unwrap(fn), unwrap(reference)
     if a is b:
         return True
     ca, cb = getattr(a, "__code__", None), getattr(b, "__code__", None)

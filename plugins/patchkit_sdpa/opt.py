@@ -12,6 +12,8 @@ leaves at padding (``Linear(0) == bias`` exactly; inference only).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import types
 from typing import Any
 
@@ -25,7 +27,7 @@ from ._head import plain_linear_head, skip_zero_rows_forward
 from ._inference import inference_ready, linear
 from ._packing import Packing, make_packing, pack, run_layers, unpack, varlen_sdpa
 from ._runtime import capture_requested, hooks_reason, unexpected_kwargs, warn_fallback
-from ._verify import hooked_modules, method_differs
+from ._verify import hooked_modules, method_differs, unwrap
 
 _IGNORABLE = frozenset({"output_attentions", "output_hidden_states", "return_dict", "use_cache"})
 
@@ -90,15 +92,72 @@ def check(module: Any, ctx: PatchContext) -> str | None:
     return None
 
 
-def _layer_packed(layer: Any, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+class _Prefill:
+    """A packed call that starts a KV cache (``generate``'s prefill, a plain call with ``use_cache``).
+
+    Every layer writes its keys/values through ``cache.update`` in the padded ``[B, heads, T, D]``
+    layout the unpatched model writes (zeros at padded positions, which every later step masks).
+    Rows whose last position is padding (right padding) but which hold tokens get one extra packed
+    row, the *tail*: generation predicts the next token from the last position, so its output is
+    computed as the unpatched model computes it (that position's query attends to all of the row's
+    valid keys). Tails follow the ``packing``'s ``N`` valid tokens in the packed tensor.
+    """
+
+    def __init__(self, cache: Any, packing: Packing, keep: torch.Tensor | None) -> None:
+        self.cache = cache
+        self.packing = packing
+        self.tails: list[tuple[int, int, int]] = []  # (row, start, end of the row's packed tokens)
+        if keep is not None and packing.index is not None:
+            cu = packing.cu_seqlens.tolist()
+            last = keep[:, -1].tolist()
+            self.tails = [(b, cu[b], cu[b + 1]) for b in range(packing.batch) if not last[b] and cu[b + 1] > cu[b]]
+
+    @property
+    def tail_rows(self) -> list[int]:
+        return [b for b, _, _ in self.tails]
+
+    def attend(self, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        """Causal attention of the valid tokens, the cache write, and the tails' attention."""
+        heads, dim = attn.num_heads, attn.head_dim
+        n = q.shape[0] - len(self.tails)
+        k, v = k[:n], v[:n]
+        out = varlen_sdpa(q[:n], k, v, self.packing, heads, dim, scale=1.0, causal=True, dropout_p=dropout_p)
+        b, t = self.packing.batch, self.packing.length
+        padded_k, padded_v = (unpack(z, self.packing).view(b, t, heads, dim).transpose(1, 2) for z in (k, v))
+        self.cache.update(padded_k, padded_v, attn.layer_idx)  # the host's own dispatch point
+        if not self.tails:
+            return out
+        rows = [out]
+        for i, (_, s, e) in enumerate(self.tails):
+            qt = q[n + i].view(1, heads, 1, dim)
+            kt, vt = (z[s:e].view(1, e - s, heads, dim).transpose(1, 2) for z in (k, v))
+            o = F.scaled_dot_product_attention(qt, kt, vt, dropout_p=dropout_p, scale=1.0)
+            rows.append(o.reshape(1, heads * dim))
+        return torch.cat(rows)
+
+
+def _attend(
+    attn: Any,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    packing: Packing,
+    dropout_p: float,
+    prefill: _Prefill | None,
+) -> torch.Tensor:
+    if prefill is not None:
+        return prefill.attend(attn, q, k, v, dropout_p)
+    return varlen_sdpa(q, k, v, packing, attn.num_heads, attn.head_dim, scale=1.0, causal=True, dropout_p=dropout_p)
+
+
+def _layer_packed(layer: Any, x: torch.Tensor, packing: Packing, prefill: _Prefill | None = None) -> torch.Tensor:
     """One OPT decoder layer on packed tokens ``[N, hidden]``, through the layer's own submodules."""
     attn = layer.self_attn
     pre = layer.do_layer_norm_before
     h = layer.self_attn_layer_norm(x) if pre else x
     q = attn.q_proj(h) * attn.scaling  # OPT scales q before the product, as its own forward does
     k, v = attn.k_proj(h), attn.v_proj(h)
-    dropout_p = attn.dropout if attn.training else 0.0
-    a = varlen_sdpa(q, k, v, packing, attn.num_heads, attn.head_dim, scale=1.0, causal=True, dropout_p=dropout_p)
+    a = _attend(attn, q, k, v, packing, attn.dropout if attn.training else 0.0, prefill)
     h = x + F.dropout(attn.out_proj(a), p=layer.dropout, training=layer.training)
     if not pre:
         h = layer.self_attn_layer_norm(h)
@@ -108,14 +167,14 @@ def _layer_packed(layer: Any, x: torch.Tensor, packing: Packing) -> torch.Tensor
     return h if pre else layer.final_layer_norm(h)
 
 
-def _layer_inference(layer: Any, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+def _layer_inference(layer: Any, x: torch.Tensor, packing: Packing, prefill: _Prefill | None = None) -> torch.Tensor:
     """:func:`_layer_packed` for inference: fused GEMM epilogues (residual, activation), dropout is off."""
     attn = layer.self_attn
     pre = layer.do_layer_norm_before
     h = layer.self_attn_layer_norm(x) if pre else x
     q = linear(attn.q_proj, h).mul_(attn.scaling)
     k, v = linear(attn.k_proj, h), linear(attn.v_proj, h)
-    a = varlen_sdpa(q, k, v, packing, attn.num_heads, attn.head_dim, scale=1.0, causal=True)
+    a = _attend(attn, q, k, v, packing, 0.0, prefill)
     h = linear(attn.out_proj, a, residual=x)
     if not pre:
         h = layer.self_attn_layer_norm(h)
@@ -130,22 +189,40 @@ def _inference_ok(layer: Any, x: torch.Tensor) -> bool:
     return inference_ready(linears, (layer, attn, layer.activation_fn), x)
 
 
+@functools.cache
+def _cache_names(cls: Any) -> tuple[str, str]:
+    """``(forward's cache parameter, BaseModelOutputWithPast's cache field)``: ``cache`` in recent
+    transformers 5.x, ``past_key_values`` before the rename (5.17)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    params = inspect.signature(unwrap(cls.forward)).parameters
+    arg = "cache" if "cache" in params else "past_key_values"
+    field = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+    return arg, field
+
+
+def _checkpointing(decoder: Any) -> bool:
+    return bool(getattr(decoder, "gradient_checkpointing", False)) and decoder.training
+
+
 def _why_not_packed(
     decoder: Any,
     input_ids: Any,
     attention_mask: Any,
     cache: Any,
     inputs_embeds: Any,
-    use_cache: Any,
-    position_ids: Any,
+    use_cache: bool,
     kwargs: dict[str, Any],
 ) -> str | None:
-    if use_cache is None:
-        use_cache = decoder.config.use_cache
-    if cache is not None or use_cache:
-        return ""  # the cached path is the SDPA path itself: no warning
-    if position_ids is not None:
-        return "explicit position_ids"
+    """``None``: the packed path can run this call; ``""``: the original's own path (no warning: a
+    decode step, or an error the original reports itself); otherwise why not, for the warning."""
+    if cache is not None:
+        from transformers.cache_utils import Cache
+
+        if not isinstance(cache, Cache) or int(cache.get_seq_length()) > 0:
+            return ""  # a decode step / continuation: transformers' cached SDPA path is the fast path
+    if (cache is not None or use_cache) and _checkpointing(decoder):
+        return "gradient checkpointing in training with a KV cache (pass use_cache=False for the padding-free path)"
     if decoder.training and decoder.layerdrop > 0.0:
         return "LayerDrop while training"
     if capture_requested() or kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
@@ -171,12 +248,25 @@ def packed_forward(
     position_ids: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> Any:
-    """The decoder's forward while patched: padding-free when no cache is involved, the original otherwise.
+    """The decoder's forward while patched: padding-free unless the call continues a cache.
 
-    Outputs at padded positions are zeros (so logits there are the LM head applied to zeros);
-    give padded labels ``-100`` as usual.
+    Padding-free: calls without a cache, and calls that start one (none passed with ``use_cache``,
+    the OPT default, or an empty cache object: ``generate``'s prefill), whose keys/values go into
+    the cache through ``cache.update`` in the unpatched model's padded layout. Calls that continue
+    a cache (decode steps) run the class's forward with SDPA. Outputs at padded positions are zeros
+    (logits there are the LM head applied to zeros; give padded labels ``-100``), except, when a
+    cache is started, each row's last position, computed as unpatched (generation reads it).
+    Anything else the packed path cannot reproduce exactly runs the original forward with one
+    ``patchkit.PatchkitWarning``.
     """
-    why = _why_not_packed(self, input_ids, attention_mask, cache, inputs_embeds, use_cache, position_ids, kwargs)
+    cls: Any = type(self)
+    arg, field = _cache_names(cls)
+    legacy = kwargs.pop("past_key_values", None)
+    cache = cache if cache is not None else legacy
+    use_cache = self.config.use_cache if use_cache is None else use_cache
+    if cache is None and use_cache and _checkpointing(self) and torch.is_grad_enabled():
+        use_cache = False  # as transformers' forward does: caching is off under gradient checkpointing
+    why = _why_not_packed(self, input_ids, attention_mask, cache, inputs_embeds, use_cache, kwargs)
     if why is not None:
         if why:
             warn_fallback(why, "OPT decoder")
@@ -184,7 +274,7 @@ def packed_forward(
         return original(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            **({"cache": cache} if cache is not None else {}),  # older releases call it past_key_values
+            **({arg: cache} if cache is not None else {}),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             position_ids=position_ids,
@@ -192,6 +282,10 @@ def packed_forward(
         )
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
+    if cache is None and use_cache:
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache(config=self.config)  # what the unpatched forward creates
     if inputs_embeds is None:
         input_ids = input_ids.view(-1, input_ids.shape[-1])  # type: ignore[union-attr]
         inputs_embeds = self.embed_tokens(input_ids)
@@ -200,18 +294,30 @@ def packed_forward(
     mask = mask.to(inputs_embeds.device)
     if self.project_in is not None:
         inputs_embeds = self.project_in(inputs_embeds)
-    hidden = inputs_embeds + self.embed_positions(mask.long(), 0).to(inputs_embeds.device)  # the user's module
-    packing = make_packing(mask.bool() if attention_mask is not None else None, b, t, hidden.device)
+    # the user's module; explicit position_ids (generate passes them) only change this embedding
+    positions = self.embed_positions(mask.long(), 0, position_ids=position_ids)
+    hidden = inputs_embeds + positions.to(inputs_embeds.device)
+    keep = mask.bool() if attention_mask is not None else None
+    packing = make_packing(keep, b, t, hidden.device)
     x = pack(hidden, packing)
-    x = run_layers(
-        self.layers, x, packing, packed=_layer_packed, inference=_layer_inference, inference_ok=_inference_ok
-    )
+    prefill = _Prefill(cache, packing, keep) if cache is not None else None
+    packed, inference = _layer_packed, _layer_inference
+    if prefill is not None:
+        packed = functools.partial(_layer_packed, prefill=prefill)
+        inference = functools.partial(_layer_inference, prefill=prefill)
+        if prefill.tails:
+            x = torch.cat([x, hidden[prefill.tail_rows, -1]])
+    x = run_layers(self.layers, x, packing, packed=packed, inference=inference, inference_ok=_inference_ok)
     if self.final_layer_norm is not None:
         x = self.final_layer_norm(x)
     if self.project_out is not None:
         x = self.project_out(x)
-    # Only last_hidden_state: the cache field was renamed (past_key_values -> cache) in 5.x.
-    return BaseModelOutputWithPast(last_hidden_state=unpack(x, packing))
+    n = x.shape[0] - (len(prefill.tails) if prefill is not None else 0)
+    out = unpack(x[:n], packing)
+    if prefill is not None and prefill.tails:
+        out[prefill.tail_rows, -1] = x[n:]
+    # Only last_hidden_state and the cache: the cache field was renamed (past_key_values -> cache) in 5.x.
+    return BaseModelOutputWithPast(last_hidden_state=out, **({field: cache} if cache is not None else {}))
 
 
 def build(module: Any, ctx: PatchContext) -> None:
