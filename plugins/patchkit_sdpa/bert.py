@@ -18,6 +18,7 @@ from torch import nn
 
 from patchkit import PatchContext, UnsupportedError, share_as
 
+from ._fingerprint import require_known
 from ._inference import inference_ready, linear
 from ._masks import key_padding
 from ._packing import Packing, make_packing, pack, run_layers, unpack, varlen_sdpa
@@ -56,6 +57,28 @@ def _reference() -> dict[str, type]:
         "intermediate": mb.BertIntermediate,
         "output": mb.BertOutput,
     }
+
+
+# sha256 of the source of the transformers methods the packed path mirrors (see ``_fingerprint``),
+# for every release it was checked on. A release whose source differs is refused until recorded here.
+KNOWN_SOURCES = {
+    "5.17.0": "03afdbeb9947d982b75b3daf95be82ec2127382da1da57dd27d2fb8d86744d9d",
+    "5.24.0": "d5840468031e44bef6b772b2c8cf6f1e91aba3685609a6ef2c5eb26c277a401b",
+}
+
+
+def mirrored(ref: dict[str, Any]) -> list[Any]:
+    """The transformers methods whose computation the packed encoder re-derives."""
+    return [
+        ref["encoder"].forward,
+        ref["layer"].forward,
+        ref["layer"].feed_forward_chunk,
+        ref["attention"].forward,
+        ref["self"].forward,
+        ref["self_output"].forward,
+        ref["intermediate"].forward,
+        ref["output"].forward,
+    ]
 
 
 def _no_own_tensors(module: Any) -> bool:
@@ -98,6 +121,7 @@ def check(module: Any, ctx: PatchContext) -> str | None:
         return "transformers' BERT reference classes are not importable"
     if (p := method_differs(module, ref["encoder"], allow_accelerate=True)) is not None:
         return f"not a BERT-structured encoder: {p}"
+    require_known("the sdpa BERT encoder path", mirrored(ref), KNOWN_SOURCES, ctx)
     if len(_execution_devices(module)) > 1:
         raise UnsupportedError(
             "accelerate spreads this encoder over several execution devices; the packed path runs it on one: "

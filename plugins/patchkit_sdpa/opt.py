@@ -23,6 +23,7 @@ from torch import nn
 
 from patchkit import PatchContext, UnsupportedError
 
+from ._fingerprint import require_known
 from ._head import plain_linear_head, skip_zero_rows_forward
 from ._inference import inference_ready, linear
 from ._packing import Packing, make_packing, pack, run_layers, unpack, varlen_sdpa
@@ -59,6 +60,19 @@ def _reference() -> dict[str, type]:
     }
 
 
+# sha256 of the source of the transformers methods the packed path mirrors (see ``_fingerprint``),
+# for every release it was checked on. A release whose source differs is refused until recorded here.
+KNOWN_SOURCES = {
+    "5.17.0": "ee8c4e66fc43a5f7020c42effaf52b4ac81591ae696165df80daf2ef8294fa1f",
+    "5.24.0": "db36edafbc37bc9ca9419679f54a4623cb09fd8a25d059fed98134cd2fcaced2",
+}
+
+
+def mirrored(ref: dict[str, Any]) -> list[Any]:
+    """The transformers methods whose computation the packed decoder re-derives."""
+    return [ref["decoder"].forward, ref["layer"].forward, ref["attention"].forward, ref["positions"].forward]
+
+
 def _exempt(decoder: Any) -> tuple[Any, ...]:
     """Modules the packed path calls exactly as the original forward does: their hooks see the same call
     (``embed_tokens(input_ids)``; ``model.enable_input_require_grads()`` hooks it for PEFT training)."""
@@ -75,6 +89,7 @@ def check(module: Any, ctx: PatchContext) -> str | None:
         return f"not an OPT-structured decoder: {p}"
     if (p := method_differs(module.embed_positions, ref["positions"])) is not None:
         return f"not OPT positions: {p}"
+    require_known("the sdpa OPT decoder path", mirrored(ref), KNOWN_SOURCES, ctx)
     for i, layer in enumerate(module.layers):
         for mod, key in ((layer, "layer"), (getattr(layer, "self_attn", None), "attention")):
             if mod is None or (p := method_differs(mod, ref[key])) is not None:
