@@ -1,9 +1,9 @@
 """SDPA fastpath patchers for BERT-structured encoders and OPT decoders (first-party plugin).
 
 ``patchkit.apply(model, attention="sdpa")``: padding-free BERT/RoBERTa/XLM-R encoders (packed
-tokens, per-sequence SDPA, exact on valid tokens) and OPT decoders (padding-free forward without
-a cache; SDPA with the KV cache for generation). Importing this package is cheap: transformers is
-imported only when a patcher's check or build runs.
+tokens, per-sequence SDPA, exact on valid tokens) and OPT decoders (padding-free forward and
+prefill, the KV cache filled in transformers' layout; decode steps through transformers' SDPA).
+Importing this package is cheap: transformers is imported only when a patcher's check or build runs.
 """
 
 from __future__ import annotations
@@ -41,6 +41,6 @@ def register_patchers(register: Callable[[Any], None]) -> None:
             match=opt.looks_like_opt_decoder,
             check=opt.check,
             build=opt.build,
-            description="OPT decoder: padding-free forward without cache, SDPA with the KV cache",
+            description="OPT decoder: padding-free forward and prefill (fills the KV cache), SDPA decode steps",
         )
     )

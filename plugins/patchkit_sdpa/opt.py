@@ -1,13 +1,17 @@
-"""OPT decoders: padding-free forward without a cache; SDPA (with the KV cache) otherwise.
+"""OPT decoders: padding-free forward and prefill (the KV cache filled in the host's layout); decode
+steps through transformers' own SDPA path.
 
 The decoder's class is left alone (transformers keys its output-capture registry on the class),
-so the patch is two journaled instance attributes: ``decoder.forward`` (the packed path, which
-defers to the class's forward whenever a cache, output capture, explicit ``position_ids``,
-LayerDrop in training or an unknown argument is involved) and, if the model ran eager attention,
-``config._attn_implementation = "sdpa"`` so the cached path (generation) uses SDPA with
-transformers' own masks: left and right padding, greedy tokens identical to eager. A plain
-Linear output head also gets an instance ``forward`` that skips the all-zero rows the packed path
-leaves at padding (``Linear(0) == bias`` exactly; inference only).
+so the patch is journaled instance attributes: ``decoder.forward`` (the packed path for every call
+that does not continue a cache: without a cache, or starting one, where each layer writes its
+keys/values through ``cache.update`` in the unpatched padded layout; it defers to the class's
+forward for decode steps, and, with one ``PatchkitWarning``, for output capture, hooks inside the
+decoder, LayerDrop in training, a 4D mask or an unknown argument) and, if the model ran eager
+attention, ``config._attn_implementation = "sdpa"`` so decode steps use SDPA with transformers'
+own masks: left and right padding, greedy tokens identical to eager. A plain Linear output head
+also gets an instance ``forward`` that skips the all-zero rows the packed path leaves at padding
+(``Linear(0) == bias`` exactly; inference only). Both instance forwards are bound methods, so
+``copy.deepcopy`` of a patched model binds the copy's to the copy's modules.
 """
 
 from __future__ import annotations
@@ -338,7 +342,7 @@ def packed_forward(
 def build(module: Any, ctx: PatchContext) -> None:
     """Journaled instance attributes only: ``module.forward`` and, when eager, the attention implementation."""
     ctx.set_attr(module, "forward", types.MethodType(packed_forward, module))
-    ctx.note("padding-free forward without cache; padded outputs are zeros")
+    ctx.note("padding-free forward and prefill (KV cache filled via cache.update); padded outputs are zeros")
     head = plain_linear_head(ctx.root)
     if head is not None and head.in_features == module.config.word_embed_proj_dim:
         # The LM head is the largest GEMM of a forward: skip it on the zero rows left at padding.
