@@ -204,12 +204,12 @@ def run_all(
         patchkit.apply(fast, attention="sdpa")
         vocab = base.config.vocab_size
         sizes = [(4, 64, 0.45), (4, 64, 0.0)] if small else [(16, 512, 0.45), (16, 512, 0.0)]
+        r = runs or 3
         for b, t, pad in sizes:
-            r = runs or (3 if small else 3)
             batch = _batch(b, t, pad, vocab, device)
             results.append(
                 _case(
-                    f"{name} {b}x{t} pad~{pad:.0%} forward",
+                    f"{name} {b}x{t} pad~{pad:.0%} forward (use_cache=False)",
                     base,
                     fast,
                     batch,
@@ -219,7 +219,55 @@ def run_all(
                     use_cache=False,
                 )
             )
+        b, t = sizes[0][:2]
+        batch = _batch(b, t, 0.45, vocab, device)
+        # the call users make: no use_cache argument (OPT's config: True), the cache is filled too
+        results.append(_case(f"{name} {b}x{t} pad~45% plain call", base, fast, batch, r, device, lambda o: o.logits))
+        left = _batch(b, t, 0.45, vocab, device, left=True)
+        results.append(_generate_case(f"{name} generate 16 tokens, {b} prompts <= {t}", base, fast, left, r, device))
     return results
+
+
+def _generate_case(label: str, base: Any, fast: Any, batch: dict[str, Any], runs: int, device: str) -> dict[str, Any]:
+    """Greedy ``generate`` end to end (left-padded prompts, exactly 16 new tokens on both sides).
+
+    Tokens must be identical: asserted in fp32; in fp16/bf16 a rounding difference may flip a near-tie
+    of a random-init model, so it is reported (``tokens_identical``, ``first_mismatch_step``) instead.
+    """
+    new = 16
+    call = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    with torch.inference_mode():
+        got = fast.generate(**batch, **call, return_dict_in_generate=True, output_logits=True)
+        want = base.generate(**batch, **call, return_dict_in_generate=True, output_logits=True)
+    same = torch.equal(got.sequences, want.sequences)
+    prompt = batch["input_ids"].shape[1]
+    steps = (got.sequences[:, prompt:] != want.sequences[:, prompt:]).any(0).nonzero()
+    first_mismatch = int(steps[0]) if len(steps) else None
+    if got.logits[0].dtype == torch.float32:
+        assert same, f"greedy tokens differ from HF sdpa (first at step {first_mismatch})"
+    # logits of every step up to the first mismatch (later steps see different tokens)
+    upto = new if first_mismatch is None else first_mismatch + 1
+    pairs = zip(got.logits[:upto], want.logits[:upto], strict=True)
+    diff = max(float((g.float() - w.float()).abs().max()) for g, w in pairs)
+    med = _alternate(
+        {"hf_sdpa": lambda: base.generate(**batch, **call), "patchkit": lambda: fast.generate(**batch, **call)},
+        runs,
+        device,
+    )
+    padding = 1.0 - float(batch["attention_mask"].float().mean())
+    return {
+        "case": label,
+        "shape": list(batch["input_ids"].shape),
+        "padding": round(padding, 3),
+        "hf_sdpa_s": med["hf_sdpa"],
+        "patchkit_s": med["patchkit"],
+        "speedup": med["hf_sdpa"] / med["patchkit"],
+        "max_abs_diff_valid": diff,
+        "tokens_identical": same,
+        "first_mismatch_step": first_mismatch,
+        "new_tokens": new,
+        "runs": runs,
+    }
 
 
 def _table(results: list[dict[str, Any]], title: str) -> str:

@@ -1,9 +1,9 @@
 """SDPA fastpath patchers for BERT-structured encoders and OPT decoders (first-party plugin).
 
 ``patchkit.apply(model, attention="sdpa")``: padding-free BERT/RoBERTa/XLM-R encoders (packed
-tokens, per-sequence SDPA, exact on valid tokens) and OPT decoders (padding-free forward without
-a cache; SDPA with the KV cache for generation). Importing this package is cheap: transformers is
-imported only when a patcher's check or build runs.
+tokens, per-sequence SDPA, exact on valid tokens) and OPT decoders (padding-free forward and
+prefill, the KV cache filled in transformers' layout; decode steps through transformers' SDPA).
+Importing this package is cheap: transformers is imported only when a patcher's check or build runs.
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from patchkit import Patcher, hookimpl
 
 PATCHKIT_API = ">=1,<2"
 REQUIRES = {"transformers": ">=5.0"}
+
+
+OPTIONS = {"trust_transformers": "patch a transformers release whose source fingerprint is not recorded"}
 
 
 @hookimpl
@@ -32,6 +35,7 @@ def register_patchers(register: Callable[[Any], None]) -> None:
             build=bert.build,
             description="BERT-structured encoder, padding-free (packed tokens, per-sequence SDPA)",
             covers=("BertModel", "RobertaModel", "XLMRobertaModel", "BERT-structured encoders"),
+            options=OPTIONS,
         )
     )
     register(
@@ -42,8 +46,9 @@ def register_patchers(register: Callable[[Any], None]) -> None:
             match=opt.looks_like_opt_decoder,
             check=opt.check,
             build=opt.build,
-            description="OPT decoder: padding-free forward without cache, SDPA with the KV cache",
+            description="OPT decoder: padding-free forward and prefill (fills the KV cache), SDPA decode steps",
             covers=("OPTModel", "OPTForCausalLM"),
+            options=OPTIONS,
         )
     )
 

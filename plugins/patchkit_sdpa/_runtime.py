@@ -3,6 +3,7 @@ arguments they do not understand?"""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -29,3 +30,20 @@ def unexpected_kwargs(kwargs: Mapping[str, Any], ignorable: Collection[str]) -> 
             continue
         out.append(key)
     return out
+
+
+def warn_fallback(why: str, what: str, stacklevel: int = 3) -> None:
+    """The one warning a call that takes the original path gives (``patchkit.PatchkitWarning``)."""
+    from patchkit import PatchkitWarning
+
+    warnings.warn(
+        f"patchkit sdpa: {why}; running the original {what} forward for this call",
+        PatchkitWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def hooks_reason(hooked: list[str]) -> str:
+    """The fallback reason for :func:`patchkit_sdpa._verify.hooked_modules`' findings."""
+    more = f" and {len(hooked) - 3} more" if len(hooked) > 3 else ""
+    return f"hooks inside the patched region would see the packed path's calls (or none): {'; '.join(hooked[:3])}{more}"

@@ -8,11 +8,13 @@ code differs in any way (a different residual order, relative positions) is refu
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from types import CodeType
 from typing import Any
 
 
-def _unwrap(fn: Any) -> Any:
+def unwrap(fn: Any) -> Any:
+    """``fn`` with every decorator layer (``__wrapped__``) removed."""
     while hasattr(fn, "__wrapped__"):
         fn = fn.__wrapped__
     return fn
@@ -25,7 +27,7 @@ def _code_key(code: CodeType) -> tuple[Any, ...]:
 
 def same_code(fn: Any, reference: Any) -> bool:
     """True when ``fn`` and ``reference`` (functions, possibly decorated) compile to the same code."""
-    a, b = _unwrap(fn), _unwrap(reference)
+    a, b = unwrap(fn), unwrap(reference)
     if a is b:
         return True
     ca, cb = getattr(a, "__code__", None), getattr(b, "__code__", None)
@@ -59,13 +61,62 @@ def method_differs(
     return None
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOK_DICTS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
+
+
+def _inert(hook: Any) -> bool:
+    """transformers' output-capture hook: a no-op unless a capturing call is active, which the packed
+    paths detect before any layer runs (``_runtime.capture_requested``) and hand to the original."""
+    return getattr(hook, "__name__", None) == "output_capturing_hook" and str(
+        getattr(hook, "__module__", "")
+    ).startswith("transformers.")
+
+
 def foreign_hooks(module: Any) -> list[str]:
-    """Names of forward/backward hooks on ``module`` other than transformers' inert output-capturing ones."""
+    """Names of forward/backward hooks (pre, post, with kwargs) on ``module``, other than transformers'
+    inert output-capturing ones."""
     found = []
-    for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
-        hooks = getattr(module, attr, None) or {}
-        for hook in hooks.values():
-            name = getattr(hook, "__name__", type(hook).__name__)
-            if name != "output_capturing_hook":
-                found.append(name)
+    for attr in _HOOK_DICTS:
+        for hook in (getattr(module, attr, None) or {}).values():
+            if not _inert(hook):
+                found.append(getattr(hook, "__name__", type(hook).__name__))
+    return found
+
+
+def global_hooks() -> list[str]:
+    """Names of global module hooks (``torch.nn.modules.module.register_module_*_hook``): they fire on
+    every module call, so they would see the packed path's different calls."""
+    from torch.nn.modules import module as globals_
+
+    found = []
+    for attr in _GLOBAL_HOOK_DICTS:
+        for hook in (getattr(globals_, attr, None) or {}).values():
+            if not _inert(hook):
+                found.append(getattr(hook, "__name__", type(hook).__name__))
+    return found
+
+
+def hooked_modules(region: Any, exempt: Collection[Any] = (), *, include_global: bool = True) -> list[str]:
+    """Where a hook would see a call the packed path makes differently, or not at all: ``"<path>:
+    [hook names]"`` for every module strictly inside ``region`` (``region`` itself is called as
+    unpatched) with :func:`foreign_hooks`, except the ``exempt`` modules (ones the packed path calls
+    exactly as the original does), plus ``"global module hooks [...]"``. Empty: no difference."""
+    found = []
+    # Cheap first pass (called on every forward): most modules have four empty hook dicts.
+    if any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in region.modules()
+    ):
+        for name, module in region.named_modules():
+            if module is region or any(module is e for e in exempt):
+                continue
+            if hooks := foreign_hooks(module):
+                found.append(f"{name} ({type(module).__name__}): {hooks}")
+    if include_global and (hooks := global_hooks()):
+        found.append(f"global module hooks {hooks}")
     return found

@@ -11,7 +11,6 @@ a KV cache, cross-attention inputs, unknown kwargs) runs the original forward wi
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -19,11 +18,12 @@ from torch import nn
 
 from patchkit import PatchContext, UnsupportedError, share_as
 
+from ._fingerprint import require_known
 from ._inference import inference_ready, linear
 from ._masks import key_padding
 from ._packing import Packing, make_packing, pack, run_layers, unpack, varlen_sdpa
-from ._runtime import capture_requested, unexpected_kwargs
-from ._verify import foreign_hooks, method_differs
+from ._runtime import capture_requested, hooks_reason, unexpected_kwargs, warn_fallback
+from ._verify import hooked_modules, method_differs
 
 # kwargs the host passes to the encoder that the packed path may ignore when they are falsy/None.
 _IGNORABLE = frozenset({"position_ids", "output_attentions", "output_hidden_states", "return_dict", "use_cache"})
@@ -59,6 +59,28 @@ def _reference() -> dict[str, type]:
     }
 
 
+# sha256 of the source of the transformers methods the packed path mirrors (see ``_fingerprint``),
+# for every release it was checked on. A release whose source differs is refused until recorded here.
+KNOWN_SOURCES = {
+    "5.17.0": "03afdbeb9947d982b75b3daf95be82ec2127382da1da57dd27d2fb8d86744d9d",
+    "5.24.0": "d5840468031e44bef6b772b2c8cf6f1e91aba3685609a6ef2c5eb26c277a401b",
+}
+
+
+def mirrored(ref: dict[str, Any]) -> list[Any]:
+    """The transformers methods whose computation the packed encoder re-derives."""
+    return [
+        ref["encoder"].forward,
+        ref["layer"].forward,
+        ref["layer"].feed_forward_chunk,
+        ref["attention"].forward,
+        ref["self"].forward,
+        ref["self_output"].forward,
+        ref["intermediate"].forward,
+        ref["output"].forward,
+    ]
+
+
 def _no_own_tensors(module: Any) -> bool:
     return not any(t is not None for t in (*module._parameters.values(), *module._buffers.values()))
 
@@ -88,9 +110,6 @@ def _layer_problems(layer: Any, ref: dict[str, type]) -> list[str]:
         problems.append("decoder (causal) self-attention")
     if hasattr(layer, "crossattention") or getattr(att, "is_cross_attention", False):
         problems.append("cross-attention")
-    for name, mod in parts.items():
-        if hooks := foreign_hooks(mod):
-            problems.append(f"hooks {hooks} on the {name} module (the packed path would skip them)")
     return problems
 
 
@@ -102,6 +121,7 @@ def check(module: Any, ctx: PatchContext) -> str | None:
         return "transformers' BERT reference classes are not importable"
     if (p := method_differs(module, ref["encoder"], allow_accelerate=True)) is not None:
         return f"not a BERT-structured encoder: {p}"
+    require_known("the sdpa BERT encoder path", mirrored(ref), KNOWN_SOURCES, ctx)
     if len(_execution_devices(module)) > 1:
         raise UnsupportedError(
             "accelerate spreads this encoder over several execution devices; the packed path runs it on one: "
@@ -131,8 +151,10 @@ def check(module: Any, ctx: PatchContext) -> str | None:
             if any("differs" in p or "overridden" in p for p in problems):
                 return f"layer {i} is not verifiably BERT: {'; '.join(problems)}"
             raise UnsupportedError(f"layer {i}: {'; '.join(problems)}; leave it unpatched (strict=False)")
-    if foreign_hooks(module.layer):
-        raise UnsupportedError("hooks on the encoder's layer list; leave it unpatched (strict=False)")
+    if hooked := hooked_modules(module, include_global=False):
+        raise UnsupportedError(
+            f"{hooks_reason(hooked)}; remove the hooks before patching or leave the encoder unpatched (strict=False)"
+        )
     return None
 
 
@@ -194,7 +216,13 @@ def encode_packed(encoder: Any, hidden_states: torch.Tensor, keep: torch.Tensor 
 
 
 class PackedEncoderMixin:
-    """Mixed in front of the user's encoder class: padding-free forward, original forward as fallback."""
+    """Mixed in front of the user's encoder class: padding-free forward, original forward as fallback.
+
+    Hooks: the encoder's own hooks see the call as unpatched (padded outputs are zeros). A hook on
+    any module inside it (layer, attention, output, Linear, LayerNorm, ...; forward, pre, with
+    kwargs or backward) or a global module hook sends the call through the original forward, with
+    one ``patchkit.PatchkitWarning``: the hook then sees exactly the unpatched calls.
+    """
 
     def forward(
         self,
@@ -215,14 +243,13 @@ class PackedEncoderMixin:
             why = "attentions / hidden states were requested"
         elif extra := unexpected_kwargs(kwargs, _IGNORABLE):
             why = f"unsupported arguments {extra}"
+        elif hooked := hooked_modules(self):
+            why = hooks_reason(hooked)
         keep = None
         if why is None:
             keep, why = key_padding(attention_mask, hidden_states.shape[0], hidden_states.shape[1])
         if why is not None:
-            warnings.warn(
-                f"patchkit sdpa: {why}; running the original {type(self).__mro__[2].__name__} forward for this call",
-                stacklevel=2,
-            )
+            warn_fallback(why, type(self).__mro__[2].__name__)
             return super().forward(  # type: ignore[misc]
                 hidden_states,
                 attention_mask=attention_mask,
