@@ -51,9 +51,13 @@ def make_check(family: str) -> Callable[[nn.Module, PatchContext], str | None]:
         problem = unsupported_tensor(bnb, weight)
         if problem is not None:
             raise UnsupportedError(problem)
-        if family == "int8" and weight.detach().abs().max().item() > _FP16_MAX:
-            # LLM.int8 quantizes through float16: larger weights would become inf.
-            raise UnsupportedError("the weight exceeds the float16 range LLM.int8 quantizes through; use nf4 or fp4")
+        if family == "int8":
+            low, high = torch.aminmax(weight.detach())  # one pass, no |w| temporary
+            if max(-low.item(), high.item()) > _FP16_MAX:
+                # LLM.int8 quantizes through float16: larger weights would become inf.
+                raise UnsupportedError(
+                    "the weight exceeds the float16 range LLM.int8 quantizes through; use nf4 or fp4"
+                )
         return None
 
     return check

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import os
 from collections.abc import Callable
 from types import ModuleType
@@ -115,17 +116,17 @@ def make_build(family: str) -> Callable[[nn.Module, PatchContext], nn.Module]:
         kept_weight = original.detach()
         weight = kept_weight.t() if transposed else kept_weight
         layer: Any
+        # Streaming a load (patchkit.from_pretrained): the exact error would cost as much as the
+        # quantization itself, so it is not measured there (reported as such).
+        loading = ctx.checkpoint_source(original) is not None
         with torch.no_grad():
             if family == "int8":
                 layer = _int8_layer(bnb, module, weight, opts)
-                restored = int8_weight(bnb, layer)
                 canonical = None
             else:
                 layer = _fourbit_layer(bnb, module, weight, opts, family)
                 canonical = copy.copy(layer.weight.quant_state)
-                restored = fourbit_weight(bnb, layer, canonical)
-            # The exact error reverse will have: it dequantizes from this same state.
-            error = (restored.to(weight.dtype).float() - weight.float()).abs().max().item()
+            error = math.nan if loading else _max_error(bnb, layer, weight, canonical, family)
         if module.bias is not None:
             layer.bias = module.bias  # shared: same Parameter object, as the contract asks
         layer.train(module.training)
@@ -162,16 +163,16 @@ def make_build(family: str) -> Callable[[nn.Module, PatchContext], nn.Module]:
                 record.checkpoint = source
                 ctx.note(
                     f"{family}: original is in {os.path.basename(source.file)} ({source.key}), reverse re-reads it "
-                    f"bit-identical (dequantized max|dW| {error:.3g})"
+                    f"bit-identical (dequantized {error_text(error)})"
                 )
             elif opts.keep_original == "cpu":
                 record.kept = keep_in_ram(kept_weight)
-                ctx.note(f"{family}: original kept in RAM, reverse is bit-identical (dequantized max|dW| {error:.3g})")
+                ctx.note(f"{family}: original kept in RAM, reverse is bit-identical (dequantized {error_text(error)})")
             elif opts.keep_original is not None:
                 record.kept_file = keep_on_disk(kept_weight, opts.keep_original, ctx.path)
                 ctx.note(f"{family}: original kept in {record.kept_file}, reverse is bit-identical")
             else:
-                ctx.note(f"{family}: reverse dequantizes, max|dW| {error:.3g}")
+                ctx.note(f"{family}: reverse dequantizes, {error_text(error)}")
             # Free the full-precision copy once the whole apply succeeded; the Parameter object
             # stays and is refilled on reverse.
             ctx.on_commit(functools.partial(free_original, original, record))
@@ -180,6 +181,20 @@ def make_build(family: str) -> Callable[[nn.Module, PatchContext], nn.Module]:
         return layer
 
     return build
+
+
+def _max_error(bnb: ModuleType, layer: Any, weight: torch.Tensor, canonical: Any, family: str) -> float:
+    """The exact max abs error reverse will have: it dequantizes from this same state."""
+    restored = int8_weight(bnb, layer) if family == "int8" else fourbit_weight(bnb, layer, canonical)
+    if weight.dtype != torch.float32:
+        restored = restored.to(weight.dtype).float()
+        return float(restored.sub_(weight.float()).abs_().amax().item())
+    return float(restored.sub_(weight).abs_().amax().item())  # in place: no temporaries
+
+
+def error_text(error: float) -> str:
+    """``max|dW| 0.000123``, or why it is unknown."""
+    return "error not measured while loading" if math.isnan(error) else f"max|dW| {error:.3g}"
 
 
 def free_original(weight: torch.Tensor, record: QuantRecord) -> None:

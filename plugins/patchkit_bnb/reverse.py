@@ -11,6 +11,7 @@ from torch import nn
 from patchkit import PatchContext, PatchError
 
 from .dequantize import fourbit_weight, int8_weight
+from .quantize import error_text
 from .record import DTYPE_MARKER, QuantRecord, record_of
 from .runtime import load_bnb
 
@@ -69,7 +70,7 @@ def restore(original: nn.Module, replacement: nn.Module, ctx: PatchContext) -> C
             "reverse: the quantized weight was replaced since apply (merged adapter?); its dequantized values were "
             "restored"
             if changed
-            else f"reverse: dequantized, max|dW| {record.error:.3g}"
+            else f"reverse: dequantized, {error_text(record.error)}"
         )
     elif record.checkpoint is not None:
         # Read back (memory-mapped) and verified against the size and SHA-256 recorded at load; cast the
