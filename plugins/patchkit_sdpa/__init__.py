@@ -22,8 +22,8 @@ OPTIONS = {"trust_transformers": "patch a transformers release whose source fing
 
 @hookimpl
 def register_patchers(register: Callable[[Any], None]) -> None:
-    """Register the BERT encoder and OPT decoder patchers (family ``"sdpa"``, kind ``"attention"``)."""
-    from . import bert, opt
+    """Register the BERT and DistilBERT encoder and OPT decoder patchers (family ``"sdpa"``, kind ``"attention"``)."""
+    from . import bert, distilbert, opt
 
     register(
         Patcher(
@@ -35,6 +35,19 @@ def register_patchers(register: Callable[[Any], None]) -> None:
             build=bert.build,
             description="BERT-structured encoder, padding-free (packed tokens, per-sequence SDPA)",
             covers=("BertModel", "RobertaModel", "XLMRobertaModel", "BERT-structured encoders"),
+            options=OPTIONS,
+        )
+    )
+    register(
+        Patcher(
+            name="sdpa-distilbert-encoder",
+            kind="attention",
+            family="sdpa",
+            match=distilbert.looks_like_distilbert_transformer,
+            check=distilbert.check,
+            build=distilbert.build,
+            description="DistilBERT transformer, padding-free (packed tokens, per-sequence SDPA)",
+            covers=("DistilBertModel",),
             options=OPTIONS,
         )
     )
