@@ -34,7 +34,14 @@ def register_patchers(register: Callable[[Any], None]) -> None:
             check=bert.check,
             build=bert.build,
             description="BERT-structured encoder, padding-free (packed tokens, per-sequence SDPA)",
-            covers=("BertModel", "RobertaModel", "XLMRobertaModel", "BERT-structured encoders"),
+            covers=(
+                "BertModel",
+                "RobertaModel",
+                "XLMRobertaModel",
+                "RobertaPreLayerNormModel",
+                "XLMRobertaXLModel",
+                "BERT-structured encoders",
+            ),
             options=OPTIONS,
         )
     )
