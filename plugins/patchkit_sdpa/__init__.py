@@ -1,6 +1,7 @@
 """SDPA fastpath patchers for BERT-structured encoders and OPT decoders (first-party plugin).
 
-``patchkit.apply(model, attention="sdpa")``: padding-free BERT/RoBERTa/XLM-R encoders (packed
+``patchkit.apply(model, attention="sdpa")``: padding-free BERT-family encoders (BERT/RoBERTa/XLM-R and
+their copies, RoBERTa-PreLayerNorm, XLM-RoBERTa-XL, DistilBERT; packed
 tokens, per-sequence SDPA, exact on valid tokens) and OPT decoders (padding-free forward and
 prefill, the KV cache filled in transformers' layout; decode steps through transformers' SDPA).
 Importing this package is cheap: transformers is imported only when a patcher's check or build runs.
