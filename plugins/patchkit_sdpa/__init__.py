@@ -1,6 +1,7 @@
 """SDPA fastpath patchers for BERT-structured encoders and OPT decoders (first-party plugin).
 
-``patchkit.apply(model, attention="sdpa")``: padding-free BERT/RoBERTa/XLM-R encoders (packed
+``patchkit.apply(model, attention="sdpa")``: padding-free BERT-family encoders (BERT/RoBERTa/XLM-R and
+their copies, RoBERTa-PreLayerNorm, XLM-RoBERTa-XL, DistilBERT; packed
 tokens, per-sequence SDPA, exact on valid tokens) and OPT decoders (padding-free forward and
 prefill, the KV cache filled in transformers' layout; decode steps through transformers' SDPA).
 Importing this package is cheap: transformers is imported only when a patcher's check or build runs.
@@ -22,8 +23,8 @@ OPTIONS = {"trust_transformers": "patch a transformers release whose source fing
 
 @hookimpl
 def register_patchers(register: Callable[[Any], None]) -> None:
-    """Register the BERT encoder and OPT decoder patchers (family ``"sdpa"``, kind ``"attention"``)."""
-    from . import bert, opt
+    """Register the BERT and DistilBERT encoder and OPT decoder patchers (family ``"sdpa"``, kind ``"attention"``)."""
+    from . import bert, distilbert, opt
 
     register(
         Patcher(
@@ -34,7 +35,27 @@ def register_patchers(register: Callable[[Any], None]) -> None:
             check=bert.check,
             build=bert.build,
             description="BERT-structured encoder, padding-free (packed tokens, per-sequence SDPA)",
-            covers=("BertModel", "RobertaModel", "XLMRobertaModel", "BERT-structured encoders"),
+            covers=(
+                "BertModel",
+                "RobertaModel",
+                "XLMRobertaModel",
+                "RobertaPreLayerNormModel",
+                "XLMRobertaXLModel",
+                "BERT-structured encoders",
+            ),
+            options=OPTIONS,
+        )
+    )
+    register(
+        Patcher(
+            name="sdpa-distilbert-encoder",
+            kind="attention",
+            family="sdpa",
+            match=distilbert.looks_like_distilbert_transformer,
+            check=distilbert.check,
+            build=distilbert.build,
+            description="DistilBERT transformer, padding-free (packed tokens, per-sequence SDPA)",
+            covers=("DistilBertModel",),
             options=OPTIONS,
         )
     )

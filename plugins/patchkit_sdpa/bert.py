@@ -1,7 +1,11 @@
 """BERT-structured encoders, padding-free: unpad after the embeddings, packed layers, re-pad once.
 
 The user's ``BertEncoder`` (or a RoBERTa/XLM-R/... encoder whose code is verified identical) is
-replaced by an instance of a subclass that shares every submodule and parameter. Its forward
+replaced by an instance of a subclass that shares every submodule and parameter. Three layer
+structures are known (:data:`VARIANTS`), each verified against its own transformers classes and
+pinned by its own source fingerprint: BERT's post-norm layer (BERT, RoBERTa, XLM-R, ELECTRA,
+CamemBERT, ...), RoBERTa-PreLayerNorm's pre-norm layer, and XLM-RoBERTa-XL's pre-norm layer (its
+encoder adds a final LayerNorm, its output projection has no dropout). Its forward
 reads the padding from the mask the host built, packs the valid tokens once, runs every layer on
 ``[N, hidden]`` through the layer's *own* Linear/LayerNorm/activation/dropout modules with
 per-sequence attention, and re-pads once (zeros at padded positions). Anything the packed path
@@ -11,6 +15,7 @@ a KV cache, cross-attention inputs, unknown kwargs) runs the original forward wi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,22 +46,23 @@ def looks_like_bert_encoder(module: nn.Module, path: str = "", root: nn.Module |
         and all(hasattr(getattr(att, "self", None), n) for n in ("query", "key", "value"))
         and hasattr(getattr(att, "output", None), "dense")
         and hasattr(getattr(first, "intermediate", None), "dense")
-        and hasattr(getattr(first, "output", None), "LayerNorm")
+        and hasattr(getattr(first, "output", None), "dense")
     )
 
 
-def _reference() -> dict[str, type]:
-    from transformers.models.bert import modeling_bert as mb
+_PARTS = ("Encoder", "Layer", "Attention", "SelfAttention", "SelfOutput", "Intermediate", "Output")
+_KEYS = ("encoder", "layer", "attention", "self", "self_output", "intermediate", "output")
 
-    return {
-        "encoder": mb.BertEncoder,
-        "layer": mb.BertLayer,
-        "attention": mb.BertAttention,
-        "self": mb.BertSelfAttention,
-        "self_output": mb.BertSelfOutput,
-        "intermediate": mb.BertIntermediate,
-        "output": mb.BertOutput,
-    }
+
+def _classes(module: str, prefix: str) -> dict[str, type]:
+    import importlib
+
+    mod = importlib.import_module(f"transformers.models.{module}")
+    return {key: getattr(mod, prefix + part) for key, part in zip(_KEYS, _PARTS, strict=True)}
+
+
+def _reference() -> dict[str, type]:
+    return _classes("bert.modeling_bert", "Bert")
 
 
 # sha256 of the source of the transformers methods the packed path mirrors (see ``_fingerprint``),
@@ -79,6 +85,17 @@ def mirrored(ref: dict[str, Any]) -> list[Any]:
         ref["intermediate"].forward,
         ref["output"].forward,
     ]
+
+
+# The same for the pre-norm variants (see VARIANTS).
+KNOWN_SOURCES_PRE_LN = {
+    "5.17.0": "1795f06ab39beeb222d9c417cb242594f57ba4d603d95fa6c5a862c32d988d1d",
+    "5.24.0": "ff9ea569ef326543d2953eb981102820a495f638ac6e68ce8f68f416765520e0",
+}
+KNOWN_SOURCES_XL = {
+    "5.17.0": "f2141134046955e46aa7a7480820c8c01f7344ff167fb3e905fb199d03d4b486",
+    "5.24.0": "6833602d19b85f9afb1c3b1f61ab374fc096d302a8f9fd7275306bece1495d08",
+}
 
 
 def _no_own_tensors(module: Any) -> bool:
@@ -113,15 +130,42 @@ def _layer_problems(layer: Any, ref: dict[str, type]) -> list[str]:
     return problems
 
 
+def _code_differs(problems: list[str]) -> bool:
+    return any("differs" in p or "overridden" in p for p in problems)
+
+
+def _variant_of(module: Any) -> tuple[Variant | None, str]:
+    """The :data:`VARIANTS` entry whose encoder and layer code ``module`` runs (its first layer is
+    compared; :func:`check` verifies every layer), or ``(None, why not)``. The first variant's
+    reason is reported (BERT's), since every BERT-structured encoder is compared with it first."""
+    reason = ""
+    for variant in VARIANTS:
+        try:
+            ref = variant.reference()
+        except (ImportError, AttributeError):
+            reason = reason or f"transformers' {variant.name} reference classes are not importable"
+            continue
+        if (p := method_differs(module, ref["encoder"], allow_accelerate=True)) is not None:
+            reason = reason or f"not a BERT-structured encoder: {p}"
+            continue
+        first = module.layer[0]
+        if not hasattr(first, "attention"):
+            return None, "layer 0 is not BERT-structured"
+        if _code_differs(problems := _layer_problems(first, ref)):
+            reason = reason or f"layer 0 is not verifiably {variant.name}: {'; '.join(problems)}"
+            continue
+        return variant, ""
+    return None, reason
+
+
 def check(module: Any, ctx: PatchContext) -> str | None:
-    """Leave alone (str) what is not BERT-structured; raise UnsupportedError for BERT setups it cannot do exactly."""
-    try:
-        ref = _reference()
-    except ImportError:
-        return "transformers' BERT reference classes are not importable"
-    if (p := method_differs(module, ref["encoder"], allow_accelerate=True)) is not None:
-        return f"not a BERT-structured encoder: {p}"
-    require_known("the sdpa BERT encoder path", mirrored(ref), KNOWN_SOURCES, ctx)
+    """Leave alone (str) what is not BERT-structured (one of :data:`VARIANTS`, verified by code); raise
+    UnsupportedError for setups of a verified structure that it cannot run exactly."""
+    variant, reason = _variant_of(module)
+    if variant is None:
+        return reason
+    ref = variant.reference()
+    require_known(f"the sdpa {variant.name} encoder path", mirrored(ref), known_sources(variant), ctx)
     if len(_execution_devices(module)) > 1:
         raise UnsupportedError(
             "accelerate spreads this encoder over several execution devices; the packed path runs it on one: "
@@ -148,8 +192,8 @@ def check(module: Any, ctx: PatchContext) -> str | None:
         if not hasattr(layer, "attention"):
             return f"layer {i} is not BERT-structured"
         if problems := _layer_problems(layer, ref):
-            if any("differs" in p or "overridden" in p for p in problems):
-                return f"layer {i} is not verifiably BERT: {'; '.join(problems)}"
+            if _code_differs(problems):
+                return f"layer {i} is not verifiably {variant.name}: {'; '.join(problems)}"
             raise UnsupportedError(f"layer {i}: {'; '.join(problems)}; leave it unpatched (strict=False)")
     if hooked := hooked_modules(module, include_global=False):
         raise UnsupportedError(
@@ -200,8 +244,122 @@ def _inference_ok(layer: Any, x: torch.Tensor) -> bool:
     return inference_ready(linears, others, x)
 
 
-def encode_packed(encoder: Any, hidden_states: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """Run every layer of ``encoder`` on the valid tokens of ``hidden_states`` ``[B, T, C]``.
+# --- pre-norm layers (RoBERTa-PreLayerNorm, XLM-RoBERTa-XL) -------------------------------------
+# RoBERTa-PreLayerNorm: attention.LayerNorm before self-attention, intermediate.LayerNorm before the
+# FFN, output dropout. XLM-RoBERTa-XL: attention.self_attn_layer_norm, layer.LayerNorm (in
+# feed_forward_chunk), no output dropout, and a final encoder LayerNorm.
+
+
+def _attn_norm(layer: Any) -> Any:
+    att = layer.attention
+    return att.LayerNorm if hasattr(att, "LayerNorm") else att.self_attn_layer_norm
+
+
+def _ffn_norm(layer: Any) -> Any:
+    return layer.intermediate.LayerNorm if hasattr(layer.intermediate, "LayerNorm") else layer.LayerNorm
+
+
+def _pre_ln_packed(layer: Any, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """One pre-norm layer on packed tokens, through the layer's own submodules."""
+    att = layer.attention
+    sa, so = att.self, att.output
+    n = _attn_norm(layer)(x)
+    q, k, v = sa.query(n), sa.key(n), sa.value(n)
+    dropout_p = sa.dropout.p if sa.training else 0.0
+    a = varlen_sdpa(
+        q,
+        k,
+        v,
+        packing,
+        sa.num_attention_heads,
+        sa.attention_head_size,
+        scale=sa.scaling,
+        dropout_p=dropout_p,
+        causal=False,
+    )
+    h = so.dropout(so.dense(a)) + x
+    inter, out = layer.intermediate, layer.output
+    y = out.dense(inter.intermediate_act_fn(inter.dense(_ffn_norm(layer)(h))))
+    if hasattr(out, "dropout"):
+        y = out.dropout(y)
+    return y + h
+
+
+def _pre_ln_inference(layer: Any, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """:func:`_pre_ln_packed` for inference: fused GEMM epilogues (residual, GELU), dropout is off."""
+    att = layer.attention
+    sa, so = att.self, att.output
+    inter, out = layer.intermediate, layer.output
+    n = _attn_norm(layer)(x)
+    q, k, v = linear(sa.query, n), linear(sa.key, n), linear(sa.value, n)
+    a = varlen_sdpa(q, k, v, packing, sa.num_attention_heads, sa.attention_head_size, scale=sa.scaling, causal=False)
+    h = linear(so.dense, a, residual=x)
+    i = linear(inter.dense, _ffn_norm(layer)(h), activation=inter.intermediate_act_fn)
+    return linear(out.dense, i, residual=h)
+
+
+def _pre_ln_inference_ok(layer: Any, x: torch.Tensor) -> bool:
+    att = layer.attention
+    sa, so = att.self, att.output
+    linears = (sa.query, sa.key, sa.value, so.dense, layer.intermediate.dense, layer.output.dense)
+    others = (layer, att, sa.dropout, so.dropout, getattr(layer.output, "dropout", None), layer.intermediate)
+    return inference_ready(linears, (*others, layer.intermediate.intermediate_act_fn), x)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One verified layer structure: where its reference classes live, its fingerprint table (a
+    module global of this file, looked up at check time), its packed layer functions and the
+    encoder's final norm (``None``: the encoder ends with the last layer)."""
+
+    name: str
+    module: str
+    prefix: str
+    known: str
+    packed: Any
+    inference: Any
+    inference_ok: Any
+    final_norm: str | None = None
+
+    def reference(self) -> dict[str, type]:
+        return _classes(self.module, self.prefix)
+
+
+VARIANTS = (
+    Variant("BERT", "bert.modeling_bert", "Bert", "KNOWN_SOURCES", _layer_packed, _layer_inference, _inference_ok),
+    Variant(
+        "RoBERTa-PreLayerNorm",
+        "roberta_prelayernorm.modeling_roberta_prelayernorm",
+        "RobertaPreLayerNorm",
+        "KNOWN_SOURCES_PRE_LN",
+        _pre_ln_packed,
+        _pre_ln_inference,
+        _pre_ln_inference_ok,
+    ),
+    Variant(
+        "XLM-RoBERTa-XL",
+        "xlm_roberta_xl.modeling_xlm_roberta_xl",
+        "XLMRobertaXL",
+        "KNOWN_SOURCES_XL",
+        _pre_ln_packed,
+        _pre_ln_inference,
+        _pre_ln_inference_ok,
+        final_norm="LayerNorm",
+    ),
+)
+
+
+def known_sources(variant: Variant) -> dict[str, str]:
+    """The fingerprint table (release -> sha256) of ``variant``."""
+    table: dict[str, str] = globals()[variant.known]
+    return table
+
+
+def encode_packed(
+    encoder: Any, hidden_states: torch.Tensor, keep: torch.Tensor | None, variant: Variant = VARIANTS[0]
+) -> torch.Tensor:
+    """Run every layer of ``encoder`` (of structure ``variant``) on the valid tokens of
+    ``hidden_states`` ``[B, T, C]``, then the encoder's final norm if the variant has one.
 
     Returns ``[B, T, C]`` with zeros at padded positions. Gradient checkpointing set on a layer
     (``model.gradient_checkpointing_enable()``) is honoured per layer while training.
@@ -210,12 +368,21 @@ def encode_packed(encoder: Any, hidden_states: torch.Tensor, keep: torch.Tensor 
     packing = make_packing(keep, b, t, hidden_states.device)
     x = pack(hidden_states, packing)
     x = run_layers(
-        encoder.layer, x, packing, packed=_layer_packed, inference=_layer_inference, inference_ok=_inference_ok
+        encoder.layer,
+        x,
+        packing,
+        packed=variant.packed,
+        inference=variant.inference,
+        inference_ok=variant.inference_ok,
     )
+    if variant.final_norm is not None:
+        x = getattr(encoder, variant.final_norm)(x)
     return unpack(x, packing)
 
 
 class PackedEncoderMixin:
+    _patchkit_variant: Variant = VARIANTS[0]
+
     """Mixed in front of the user's encoder class: padding-free forward, original forward as fallback.
 
     Hooks: the encoder's own hooks see the call as unpatched (padded outputs are zeros). A hook on
@@ -261,22 +428,27 @@ class PackedEncoderMixin:
             )
         from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
-        out = encode_packed(self, hidden_states, keep)
+        out = encode_packed(self, hidden_states, keep, self._patchkit_variant)
         # Only last_hidden_state: the cache field was renamed (past_key_values -> cache) in 5.x.
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out)
 
 
-_CLASSES: dict[type, type] = {}
+_CLASSES: dict[tuple[type, str], type] = {}
 
 
-def packed_class(cls: type) -> type:
-    """The (cached) subclass ``Sdpa<cls>`` of the user's encoder class with the packed forward."""
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Sdpa{cls.__name__}", (PackedEncoderMixin, cls), {"__module__": __name__})
-    return _CLASSES[cls]
+def packed_class(cls: type, variant: Variant = VARIANTS[0]) -> type:
+    """The (cached) subclass ``Sdpa<cls>`` of the user's encoder class with the packed forward of
+    ``variant``'s layer structure."""
+    key = (cls, variant.name)
+    if key not in _CLASSES:
+        attrs = {"__module__": __name__, "_patchkit_variant": variant}
+        _CLASSES[key] = type(f"Sdpa{cls.__name__}", (PackedEncoderMixin, cls), attrs)
+    return _CLASSES[key]
 
 
 def build(module: nn.Module, ctx: PatchContext) -> nn.Module:
     """A ``Sdpa<Encoder>`` sharing every submodule and parameter of ``module`` (no copies)."""
-    ctx.note("padding-free encoder: packed tokens, per-sequence SDPA; padded outputs are zeros")
-    return share_as(module, packed_class(type(module)))
+    variant, _ = _variant_of(module)
+    assert variant is not None  # check() passed
+    ctx.note(f"padding-free {variant.name} encoder: packed tokens, per-sequence SDPA; padded outputs are zeros")
+    return share_as(module, packed_class(type(module), variant))
