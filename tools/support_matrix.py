@@ -31,6 +31,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "support.md"
 TOLERANCE = 1e-5
+# Multimodal or hybrid models whose tiny build alone takes over 20 s on a 2-core CPU (vision / audio
+# towers, byte-level patchers): listed as not checked, so the walk stays inside CI's budget.
+SLOW = {
+    "bailing_hybrid": "hybrid linear-attention model",
+    "blt": "byte-latent model with local encoders",
+    "falcon_h1": "hybrid Mamba model",
+    "git": "vision-text model",
+    "got_ocr2": "vision-text model",
+    "moss_transcribe_diarize": "audio-text model",
+    "phi4_multimodal": "vision/audio-text model",
+}
 TINY = {
     "hidden_size": 64,
     "num_hidden_layers": 2,
@@ -144,6 +155,8 @@ def check(arch: str, kind: str) -> Row:
         if kind == "decoder"
         else transformers.models.auto.modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
     )
+    if arch in SLOW:
+        return Row(arch, kind, "not built", f"not checked: {SLOW[arch]}, too slow to build on the CPU")
     try:
         config = shrink(transformers.AutoConfig.for_model(arch))
         cls = getattr(transformers, mapping[arch])
@@ -229,7 +242,8 @@ def _comparable(text: str) -> list[tuple[str, ...]]:
     for line in text.splitlines():
         if line.startswith("| ") and not line.startswith("| architecture"):
             cells = [c.strip() for c in line.strip("|").split("|")]
-            out.append((cells[0], cells[1], cells[2], cells[6]))
+            # a build failure's wording (or a timeout) may vary by machine: only its status counts
+            out.append((cells[0], cells[1], cells[2], "" if cells[2] == "not built" else cells[6]))
     return out
 
 
