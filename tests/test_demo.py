@@ -95,3 +95,12 @@ def test_core_demo_names_no_architecture():
     text = (Path(patchkit.__file__).parent / "demo.py").read_text().lower()
     for word in ("bert", "minilm", "transformers", "automodel", "sdpa"):
         assert word not in text, f"patchkit/demo.py names {word!r}: the demo's model belongs to a plugin"
+
+
+def test_demo_says_when_the_machine_is_too_busy_for_a_fair_figure() -> None:
+    from patchkit.demo import machine_busy
+
+    spread = machine_busy([100.0, 160.0, 100.0], [50.0, 50.0, 51.0])
+    assert spread is not None and "original runs spread 60%" in spread
+    steady = machine_busy([100.0, 101.0, 100.0], [50.0, 50.0, 51.0])
+    assert steady is None or ("load average" in steady and "spread" not in steady)

@@ -8,6 +8,7 @@ This module only runs what a :class:`Demo` builds and measures it.
 from __future__ import annotations
 
 import io
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -73,6 +74,24 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000
+
+
+def machine_busy(original_ms: list[float], patched_ms: list[float]) -> str | None:
+    """Why timings taken on this machine right now are not a fair comparison, or ``None``.
+
+    Busy means: the 1-minute load average exceeds the cores minus the threads this process uses,
+    or the runs of one variant spread by more than 25% (another process took cores mid-run).
+    """
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    reasons = []
+    if load > max(cores - torch.get_num_threads(), 0) + 0.5:
+        reasons.append(f"load average {load:.1f} on {cores} cores")
+    for label, runs in (("original", original_ms), ("patched", patched_ms)):
+        spread = (max(runs) - min(runs)) / statistics.median(runs)
+        if spread > 0.25:
+            reasons.append(f"{label} runs spread {spread:.0%}")
+    return "the machine looks busy (" + ", ".join(reasons) + ")" if reasons else None
 
 
 def _status_kib(name: str) -> int:
@@ -167,10 +186,15 @@ def _run(demo: Demo, case: DemoCase, quick: bool, registry: Registry) -> int:
         original_ms.append(_median_ms(forward, 1))
         patchkit.apply(model, registry=registry, **case.apply)
     p_ms, o_ms = statistics.median(patched_ms), statistics.median(original_ms)
+    ratios = sorted(o / p for o, p in zip(original_ms, patched_ms, strict=True))
     print(
         f"speed: original {o_ms:.1f} ms, patched {p_ms:.1f} ms per forward -> speed-up {o_ms / p_ms:.2f}x "
-        f"(median of {repeats} alternating runs, {torch.get_num_threads()} threads)"
+        f"(median of {repeats} alternating runs, per-pair range {ratios[0]:.2f}x..{ratios[-1]:.2f}x, "
+        f"{torch.get_num_threads()} threads)"
     )
+    busy = machine_busy(original_ms, patched_ms)
+    if busy:
+        print(f"note: {busy}; this speed-up is not a fair figure, rerun on an idle machine")
     if o_mem is not None and p_mem is not None:
         print(f"peak memory growth during a forward: original {o_mem:.0f} MiB, patched {p_mem:.0f} MiB")
     patchkit.reverse(model)
