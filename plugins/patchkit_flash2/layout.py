@@ -49,23 +49,33 @@ def from_mask(mask: torch.Tensor, q_len: int) -> Layout:
 
 
 def packed_starts(position_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean ``[batch, len]``: True where a sequence starts (first token of a row, or a position that
-    does not follow its left neighbour by 1; the same rule as transformers' packed-sequence masks)."""
-    first = position_ids[:, :1] - 1
-    return torch.diff(position_ids, prepend=first, dim=-1) != 1
+    """Boolean ``[len]`` for one row of ``position_ids``: True where a packed sequence starts.
+
+    transformers' FlashAttention-2 rule (``prepare_fa_kwargs_from_position_ids``): a sequence starts
+    wherever the position equals the row's minimum, i.e. where the ids restart. Gaps and strides
+    (``0..5, 10..15``; ``0, 2, 4, ...``) are not boundaries. The first token always starts one
+    (transformers would leave tokens before the first minimum uncovered).
+    """
+    pos = position_ids.reshape(-1)
+    starts = pos == pos.min()
+    starts[0] = True
+    return starts
 
 
 def from_position_ids(position_ids: torch.Tensor, batch: int) -> Layout | None:
-    """Layout of sequences packed in rows and marked by restarting ``position_ids``; None when no row
-    holds more than one sequence (then plain dense attention is exact)."""
-    pos = position_ids.expand(batch, -1)
-    starts = packed_starts(pos)
-    starts[:, 0] = False
-    if not bool(starts.any()):
+    """Layout of sequences packed in one row and marked by restarting ``position_ids``.
+
+    As transformers' FA2 path (``_is_packed_sequence``): only a batch of one row of more than one
+    token can hold packed sequences; returns None otherwise, and when the row holds one sequence
+    (then plain causal attention over each row is exact).
+    """
+    if batch != 1 or position_ids.shape[-1] <= 1 or position_ids.numel() != position_ids.shape[-1]:
         return None
-    starts[:, 0] = True
-    begin = starts.flatten().nonzero().squeeze(1)
-    total = pos.numel()
+    starts = packed_starts(position_ids)
+    begin = starts.nonzero().squeeze(1)
+    if begin.numel() == 1:  # one host sync
+        return None
+    total = starts.numel()
     lengths = torch.diff(begin, append=begin.new_tensor([total])).to(torch.int32)
     cu = _cu(lengths)
     max_len = int(lengths.max())

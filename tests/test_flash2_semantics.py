@@ -1,0 +1,83 @@
+"""flash2 semantics against transformers' own paths (issue 11): position ids, sliding windows with
+holes, hooks, KV-cache prefill. CPU, fp32, reference kernel, tiny random configs; valid tokens only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_flash2_llama import close_on, llama, logits, patch
+
+TOL = 1e-5
+
+
+def _ids(rows: int, length: int, seed: int = 5) -> torch.Tensor:
+    return torch.randint(1, 97, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+POSITIONS = {
+    "gap": torch.cat([torch.arange(6), torch.arange(10, 16)]),
+    "stride2": torch.arange(12) * 2,
+    "offset": torch.arange(12) + 7,
+}
+
+
+# -- 1. position_ids: only a restart (in batch 1, without a padding mask) is a packed boundary ----
+@pytest.mark.parametrize("positions", list(POSITIONS))
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("call", ["no-mask", "ones-mask", "cache"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_gaps_and_strides_are_not_boundaries(positions, rows, call, impl):
+    model = llama()
+    model.config._attn_implementation = impl
+    ids = _ids(rows, 12)
+    pos = POSITIONS[positions].unsqueeze(0).expand(rows, -1)
+    ones = torch.ones(rows, 12, dtype=torch.long)
+    # the reference: the host's plain causal attention over the whole row, RoPE at the given positions
+    # (with a 2D mask transformers never reads sequence boundaries off position_ids)
+    want = logits(model, ids, ones, position_ids=pos)
+    patch(model)
+    mask = None if call == "no-mask" else ones
+    got = logits(model, ids, mask, position_ids=pos, use_cache=call == "cache")
+    assert close_on(ones, got, want) <= TOL
+
+
+@pytest.mark.parametrize("call", ["no-mask", "ones-mask", "cache"])
+def test_restart_in_one_row_is_packed(call):
+    # transformers' FA2 path: a batch-1 call without padding whose position ids restart holds
+    # packed sequences, each attending to itself only (eager has no such notion with a mask or a
+    # cache): the reference is each sequence run on its own
+    model = llama()
+    lengths = [4, 5, 3]
+    ids = _ids(1, sum(lengths), seed=2)
+    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    separate = torch.cat([logits(model, part, None) for part in ids.split(lengths, dim=1)], dim=1)
+    patch(model)
+    mask = None if call == "no-mask" else torch.ones_like(ids)
+    got = logits(model, ids, mask, position_ids=pos, use_cache=call == "cache")
+    assert (got - separate).abs().max() <= TOL
+
+
+def test_restart_in_a_batch_is_not_packed():
+    # batch > 1: transformers' FA2 path runs plain causal attention per row, whatever the positions
+    model = llama()
+    ids = _ids(2, 10)
+    pos = torch.cat([torch.arange(5), torch.arange(5)]).unsqueeze(0).expand(2, -1)
+    ones = torch.ones_like(ids)
+    want = logits(model, ids, ones, position_ids=pos)
+    patch(model)
+    assert close_on(ones, logits(model, ids, None, position_ids=pos), want) <= TOL
+
+
+@pytest.mark.parametrize("positions", ["gap", "stride2"])
+def test_falcon_gaps_are_not_boundaries(positions):
+    from test_flash2_falcon import falcon
+
+    import patchkit
+
+    model = falcon("new-arch-gqa")
+    ids = _ids(1, 12)
+    pos = POSITIONS[positions].unsqueeze(0)
+    want = logits(model, ids, torch.ones_like(ids), position_ids=pos)
+    patchkit.apply(model, attention="flash2", backend="reference")
+    assert (logits(model, ids, None, position_ids=pos) - want).abs().max() <= TOL
