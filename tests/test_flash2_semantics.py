@@ -4,9 +4,13 @@ holes, hooks, KV-cache prefill. CPU, fp32, reference kernel, tiny random configs
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
-from test_flash2_llama import close_on, llama, logits, patch
+from test_flash2_llama import close_on, llama, logits, mistral, patch
+
+import patchkit
 
 TOL = 1e-5
 
@@ -81,3 +85,64 @@ def test_falcon_gaps_are_not_boundaries(positions):
     want = logits(model, ids, torch.ones_like(ids), position_ids=pos)
     patchkit.apply(model, attention="flash2", backend="reference")
     assert (logits(model, ids, None, position_ids=pos) - want).abs().max() <= TOL
+
+
+# -- 2. sliding window over a mask with holes: the window counts original positions --------------
+def _holey_mask() -> torch.Tensor:
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[0, 3:5] = 0  # 1 1 1 0 0 1 1 1 1 1 1
+    mask[2, :2] = 0  # left padding and a hole
+    mask[2, 6] = 0
+    return mask
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_sliding_window_with_holes_matches_eager(padding_free):
+    model = mistral(window=3)
+    ids, mask = _ids(3, 11), _holey_mask()
+    want = logits(model, ids, mask)
+    patch(model, padding_free=padding_free)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = logits(model, ids, mask)
+        logits(model, ids, mask)
+    assert close_on(mask, got, want) <= TOL
+    loud = [w for w in caught if issubclass(w.category, patchkit.PatchkitWarning)]
+    assert len(loud) == 1 and "hole" in str(loud[0].message)  # once per model, not per layer or call
+
+
+def test_sliding_window_with_holes_prefill_and_decode_with_cache_match_eager():
+    model = mistral(window=3)
+    ids, mask = _ids(3, 11), _holey_mask()
+    step = _ids(3, 1, seed=9)
+    mask_step = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
+
+    def run():
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask, use_cache=True)
+            cache = out.past_key_values
+            return out.logits, model(step, attention_mask=mask_step, past_key_values=cache, use_cache=True).logits
+
+    want_prefill, want_step = run()
+    patch(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got_prefill, got_step = run()
+    assert close_on(mask, got_prefill, want_prefill) <= TOL
+    assert (got_step - want_step).abs().max() <= TOL
+    assert [w for w in caught if issubclass(w.category, patchkit.PatchkitWarning)]
+
+
+def test_holes_without_a_window_stay_on_the_fast_path():
+    # causal attention over the valid tokens of a row is the same packed or not: no fallback
+    model = llama()
+    ids, mask = _ids(3, 11), _holey_mask()
+    want = logits(model, ids, mask)
+    patch(model)
+    seen = []
+    model.model.layers[0].mlp.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", patchkit.PatchkitWarning)
+        got = logits(model, ids, mask)
+    assert close_on(mask, got, want) <= TOL
+    assert seen == [(1, int(mask.sum()), 64)]  # padding-free

@@ -45,6 +45,21 @@ class ActiveForward:
     config: Any
     mask: torch.Tensor | None = None
     layouts: dict[Any, tuple[Any, L.Layout | None]] = field(default_factory=dict)
+    owner: Any = None  # the model's padfree.PatchedForward (warn_once)
+
+
+def warn_once(kind: str, message: str) -> None:
+    """A :class:`patchkit.PatchkitWarning` once per patched model and ``kind`` (per call when no
+    patched forward is active)."""
+    active = ACTIVE.get()
+    if active is not None and active.owner is not None:
+        active.owner.warn_once(kind, message)
+    else:
+        import warnings
+
+        from patchkit import PatchkitWarning
+
+        warnings.warn(f"patchkit flash2: {message}", PatchkitWarning, stacklevel=3)
 
 
 ACTIVE: contextvars.ContextVar[ActiveForward | None] = contextvars.ContextVar("patchkit_flash2_active", default=None)
@@ -262,6 +277,11 @@ def attention_forward(
         )
     causal = kwargs.pop("is_causal", None)
     causal = getattr(module, "is_causal", True) if causal is None else causal
+    window = kwargs.get("sliding_window")
+    if window is not None and attention_mask is not None and attention_mask.dim() == 2 and key.shape[2] > window:
+        layout = _layout(ACTIVE.get(), attention_mask, query, key, kwargs)
+        if layout is not None and layout.holes:
+            return _padded_window(module, query, key, value, attention_mask, dropout, scaling, bool(causal), kwargs)
     out = varlen_attention(
         state,
         module,
@@ -276,6 +296,43 @@ def attention_forward(
         use_alibi=False,
         kwargs=kwargs,
     )
+    return out, None
+
+
+def _padded_window(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    dropout: float,
+    scaling: float | None,
+    causal: bool,
+    kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, Any]:
+    """A sliding window over a padding mask with holes (not pure left/right padding).
+
+    Varlen kernels count the window on packed tokens, which would pull tokens across a hole into
+    each other's window. This call runs padded instead, through the implementation the config had
+    before (eager or sdpa; sdpa for anything else), with the host's own mask semantics: key ``j`` is
+    visible to query ``i`` (at key position ``i + k_len - q_len``) when it is a token, causal, and
+    within ``sliding_window`` original positions. Warns once per model.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    warn_once(
+        "window-holes",
+        "the padding mask has holes (not pure left/right padding) and a sliding window applies: "
+        "those calls run padded (dense masks, no varlen kernel) to keep the window on original positions",
+    )
+    previous = previous_implementation(module.config)
+    fn = ALL_ATTENTION_FUNCTIONS.get_interface("eager" if previous == "eager" else "sdpa", _eager_for(module))
+    q_len, k_len = query.shape[2], key.shape[2]
+    ok = L.padded_window_mask(mask[:, -k_len:], q_len, window_left=kwargs["sliding_window"] - 1, causal=causal)
+    dense = torch.zeros(ok.shape, dtype=query.dtype, device=query.device).masked_fill(~ok, torch.finfo(query.dtype).min)
+    rest = {k: v for k, v in kwargs.items() if not k.startswith(("cu_seq_lens", "max_length"))}
+    rest["is_causal"] = False
+    out, _ = fn(module, query, key, value, dense, dropout=dropout, scaling=scaling, **rest)
     return out, None
 
 

@@ -24,6 +24,7 @@ class Layout:
     max_k: int
     q_index: torch.Tensor | None = None
     k_index: torch.Tensor | None = None
+    holes: bool = False  # some row's keys are not one contiguous run (not pure left/right padding)
 
 
 def _cu(lengths: torch.Tensor) -> torch.Tensor:
@@ -37,7 +38,8 @@ def from_mask(mask: torch.Tensor, q_len: int) -> Layout:
     q_mask = mask[:, -q_len:]
     k_len_each = mask.sum(-1, dtype=torch.int32)
     q_len_each = q_mask.sum(-1, dtype=torch.int32)
-    max_q, max_k = torch.stack([q_len_each.max(), k_len_each.max()]).tolist()  # one host sync
+    holes = _holes_per_row(mask).any()
+    max_q, max_k, any_holes = torch.stack([q_len_each.max(), k_len_each.max(), holes]).tolist()  # one host sync
     return Layout(
         cu_q=_cu(q_len_each),
         cu_k=_cu(k_len_each),
@@ -45,7 +47,36 @@ def from_mask(mask: torch.Tensor, q_len: int) -> Layout:
         max_k=int(max_k),
         q_index=q_mask.flatten().nonzero().squeeze(1),
         k_index=mask.flatten().nonzero().squeeze(1),
+        holes=bool(any_holes),
     )
+
+
+def _holes_per_row(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[batch]``: the row's tokens do not form one contiguous run."""
+    mask = mask.bool()
+    length = mask.shape[-1]
+    count = mask.sum(-1)
+    first = mask.int().argmax(-1)
+    last = length - 1 - mask.flip(-1).int().argmax(-1)
+    return (count > 0) & (count < last - first + 1)
+
+
+def has_holes(mask: torch.Tensor) -> bool:
+    """Whether some row of a 2D padding mask is neither full nor pure left/right/both-sided padding."""
+    return bool(_holes_per_row(mask).any())
+
+
+def padded_window_mask(mask: torch.Tensor, q_len: int, window_left: int, causal: bool) -> torch.Tensor:
+    """Boolean ``[batch, 1, q_len, k_len]`` (True = attend) on *original* positions: key ``j`` is a
+    token of ``mask`` and, for query ``i`` at key position ``p = i + k_len - q_len``, ``j <= p``
+    (when causal) and ``j >= p - window_left`` (transformers' sliding-window causal mask)."""
+    k_len = mask.shape[-1]
+    qpos = torch.arange(q_len, device=mask.device).unsqueeze(1) + (k_len - q_len)
+    kpos = torch.arange(k_len, device=mask.device).unsqueeze(0)
+    ok = kpos >= qpos - window_left
+    if causal:
+        ok = ok & (kpos <= qpos)
+    return (mask.bool()[:, None, :] & ok.unsqueeze(0)).unsqueeze(1)
 
 
 def packed_starts(position_ids: torch.Tensor) -> torch.Tensor:

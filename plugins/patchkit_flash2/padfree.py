@@ -14,15 +14,17 @@ caller-supplied ``cu_seq_lens_*``, and a model that forwards per-call kwargs to 
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from patchkit import UnsupportedError
+from patchkit import PatchkitWarning, UnsupportedError
 
 from . import dispatch
+from . import layout as L
 
 CACHE_NAMES = ("cache", "past_key_values")
 
@@ -44,31 +46,56 @@ def _wants(config: Any, kw: dict[str, Any], name: str) -> bool:
     return bool(getattr(config, name, False) if value is None else value)
 
 
-def make_forward(base: torch.nn.Module, original: Callable[..., Any], padding_free: bool, pass_kwargs: bool) -> Any:
-    """The wrapper installed as ``base.forward`` (journaled instance attribute)."""
-    signature = inspect.signature(original)
-    config = base.config
+class PatchedForward:
+    """The callable installed as ``base.forward`` (journaled instance attribute).
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        kw = _bind(signature, args, kwargs)
+    A class instance, not a closure, so that ``copy.deepcopy`` of a patched model follows its
+    references through the memo: the copy's wrapper calls the copy's original forward. Holds the
+    base model, its original bound ``forward``, the flags, and the set of fallback kinds already
+    warned about for this model (each :class:`patchkit.PatchkitWarning` is issued once per model
+    and kind, not per call or per layer).
+    """
+
+    def __init__(self, base: torch.nn.Module, original: Callable[..., Any], padding_free: bool, pass_kwargs: bool):
+        self.base = base
+        self.original = original
+        self.padding_free = padding_free
+        self.pass_kwargs = pass_kwargs
+        self.warned: set[str] = set()
+        self.__wrapped__ = original
+        self.__signature__ = inspect.signature(original)
+
+    def warn_once(self, kind: str, message: str) -> None:
+        """Issue ``message`` as a :class:`PatchkitWarning`, once per ``kind`` for this model."""
+        if kind in self.warned:
+            return
+        self.warned.add(kind)
+        warnings.warn(f"patchkit flash2 ({type(self.base).__name__}): {message}", PatchkitWarning, stacklevel=3)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        config = self.base.config
+        kw = _bind(self.__signature__, args, kwargs)
         if _wants(config, kw, "output_attentions"):
             raise UnsupportedError(
                 "flash2 attention computes no attention weights; output_attentions=True needs the original "
                 "attention: patchkit.reverse(model) first"
             )
         mask = kw.get("attention_mask")
-        state = dispatch.ActiveForward(config=config, mask=mask if mask is not None and mask.dim() == 2 else None)
+        state = dispatch.ActiveForward(
+            config=config, mask=mask if mask is not None and mask.dim() == 2 else None, owner=self
+        )
         token = dispatch.ACTIVE.set(state)
         try:
-            if padding_free and pass_kwargs and _padding_free_ok(config, kw):
-                return _packed_call(original, kw)
-            return original(**kw)
+            if self.padding_free and self.pass_kwargs and _padding_free_ok(config, kw):
+                return _packed_call(self.original, kw)
+            return self.original(**kw)
         finally:
             dispatch.ACTIVE.reset(token)
 
-    forward.__wrapped__ = original  # type: ignore[attr-defined]
-    forward.__signature__ = signature  # type: ignore[attr-defined]
-    return forward
+
+def make_forward(base: torch.nn.Module, original: Callable[..., Any], padding_free: bool, pass_kwargs: bool) -> Any:
+    """The wrapper installed as ``base.forward`` (journaled instance attribute): a :class:`PatchedForward`."""
+    return PatchedForward(base, original, padding_free, pass_kwargs)
 
 
 def _padding_free_ok(config: Any, kw: dict[str, Any]) -> bool:
@@ -85,7 +112,12 @@ def _padding_free_ok(config: Any, kw: dict[str, Any]) -> bool:
     tokens = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
     if tokens is None or tokens.shape[1] != mask.shape[1]:
         return False
-    return not bool(mask.bool().all())
+    if bool(mask.bool().all()):
+        return False
+    # a sliding window over a mask with holes counts original positions: packing would move tokens
+    # into each other's window, so that call takes the padded path (attention warns and falls back)
+    window = getattr(config, "sliding_window", None)
+    return not (window is not None and window < mask.shape[1] and L.has_holes(mask))
 
 
 def _packed_call(original: Callable[..., Any], kw: dict[str, Any]) -> Any:
