@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from test_flash2_llama import close_on, llama, logits, mistral, patch
+from test_flash2_llama import LinearInputs, close_on, llama, logits, mistral, patch
 
 import patchkit
 
@@ -139,10 +139,93 @@ def test_holes_without_a_window_stay_on_the_fast_path():
     ids, mask = _ids(3, 11), _holey_mask()
     want = logits(model, ids, mask)
     patch(model)
-    seen = []
-    model.model.layers[0].mlp.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), LinearInputs(model.model.layers[0].mlp.gate_proj.weight) as recorder:
         warnings.simplefilter("error", patchkit.PatchkitWarning)
         got = logits(model, ids, mask)
     assert close_on(mask, got, want) <= TOL
-    assert seen == [(1, int(mask.sum()), 64)]  # padding-free
+    assert recorder.seen == [(1, int(mask.sum()), 64)]  # padding-free
+
+
+# -- 3. hooks inside the patched model see what they would see unpatched --------------------------
+SHAPES: list[tuple[int, ...]] = []
+
+
+def _zero_first_position(module, args, output):
+    hidden = output[0] if isinstance(output, tuple) else output
+    SHAPES.append(tuple(hidden.shape))
+    hidden = hidden.clone()
+    hidden[:, 0] = 0  # each row's first position: a packed (1, T, D) row would get this wrong
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def _scale_pre(module, args):
+    SHAPES.append(tuple(args[0].shape))
+    return (args[0] * 1.5, *args[1:])
+
+
+def _loud(caught) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, patchkit.PatchkitWarning)]
+
+
+def _ran_padding_free(model, ids, mask) -> bool:
+    """Padding-free re-pads the last hidden state with zeros; the padded path leaves values there."""
+    with torch.no_grad():
+        hidden = model.model(ids, attention_mask=mask).last_hidden_state
+    return bool((hidden[~mask.bool()] == 0).all())
+
+
+@pytest.mark.parametrize("when", ["before-apply", "after-apply"])
+@pytest.mark.parametrize("kind", ["forward", "pre", "global"])
+def test_hooks_see_padded_tensors_or_call_runs_padded(when, kind):
+    model = llama()
+    ids, mask = _ids(3, 11), _holey_mask()
+    mask[1, 8:] = 0
+    layer = model.model.layers[1]
+
+    def register():
+        if kind == "forward":
+            return layer.register_forward_hook(_zero_first_position)
+        if kind == "pre":
+            return layer.mlp.register_forward_pre_hook(_scale_pre)
+        return torch.nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: _zero_first_position(m, i, o) if m is layer else None
+        )
+
+    SHAPES.clear()
+    handle = register()
+    try:
+        want = logits(model, ids, mask)
+        want_shapes = list(SHAPES)
+        if when == "after-apply":
+            handle.remove()
+        patch(model)
+        if when == "after-apply":
+            handle = register()
+        SHAPES.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = logits(model, ids, mask)
+            again = logits(model, ids, mask)
+        assert SHAPES == want_shapes * 2 == [(3, 11, 64)] * 2
+        assert close_on(mask, got, want) <= TOL
+        assert close_on(mask, again, want) <= TOL
+        loud = _loud(caught)
+        assert len(loud) == 1 and "hook" in loud[0]  # loud, once per model (not per layer or call)
+    finally:
+        handle.remove()
+    with warnings.catch_warnings():  # hook gone: padding-free again, silently
+        warnings.simplefilter("error", patchkit.PatchkitWarning)
+        assert _ran_padding_free(model, ids, mask)
+
+
+def test_transformers_output_capturing_hooks_do_not_count():
+    model = llama()
+    ids, mask = _ids(3, 11), _holey_mask()
+    patch(model)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, output_hidden_states=True)  # installs inert capturing hooks
+    hooks = [getattr(h, "__name__", "") for m in model.modules() for h in m._forward_hooks.values()]
+    assert hooks and set(hooks) == {"output_capturing_hook"}  # the test sees real capturing hooks
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", patchkit.PatchkitWarning)
+        assert _ran_padding_free(model, ids, mask)

@@ -9,6 +9,8 @@ re-padded once at the end (zeros on padding positions).
 Padding-free is used only when it is exact and the host can carry it: a 2D mask with padding, no
 KV cache (``use_cache`` resolving to False and no cache passed), no ``output_hidden_states``, no
 caller-supplied ``cu_seq_lens_*``, and a model that forwards per-call kwargs to its attention.
+A hook on any module inside the base model (or a global module hook) would see packed tensors:
+such calls run padded, with one :class:`patchkit.PatchkitWarning` per model.
 """
 
 from __future__ import annotations
@@ -87,10 +89,46 @@ class PatchedForward:
         token = dispatch.ACTIVE.set(state)
         try:
             if self.padding_free and self.pass_kwargs and _padding_free_ok(config, kw):
-                return _packed_call(self.original, kw)
+                hooked = hooked_modules(self.base)
+                if not hooked:
+                    return _packed_call(self.original, kw)
+                self.warn_once(
+                    "hooks",
+                    f"hooks on {', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''} would see packed "
+                    "(1, tokens, D) tensors: calls with hooks inside the model run padded (varlen attention "
+                    "only, no padding-free speed-up) until they are removed",
+                )
             return self.original(**kw)
         finally:
             dispatch.ACTIVE.reset(token)
+
+
+INERT_HOOKS = frozenset({"output_capturing_hook"})  # transformers' output capture: reads outputs by layer
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
+
+
+def _foreign(hooks: Any) -> bool:
+    return any(getattr(hook, "__name__", None) not in INERT_HOOKS for hook in (hooks or {}).values())
+
+
+def hooked_modules(base: torch.nn.Module) -> list[str]:
+    """Where a hook would see packed tensors in a padding-free call of ``base``: the qualified names
+    of modules *inside* ``base`` (not ``base`` itself, whose hooks see the padded call) carrying a
+    forward / pre-forward / backward hook, and ``"global module hooks"`` when torch's process-wide
+    module hooks are set. transformers' inert ``output_capturing_hook`` does not count."""
+    import torch.nn.modules.module as torch_module
+
+    found = ["global module hooks"] if any(_foreign(getattr(torch_module, n, None)) for n in _GLOBAL_HOOKS) else []
+    for name, module in base.named_modules():
+        if module is not base and any(_foreign(getattr(module, attr, None)) for attr in _MODULE_HOOKS):
+            found.append(name)
+    return found
 
 
 def make_forward(base: torch.nn.Module, original: Callable[..., Any], padding_free: bool, pass_kwargs: bool) -> Any:
