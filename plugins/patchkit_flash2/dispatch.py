@@ -64,50 +64,96 @@ def warn_once(kind: str, message: str) -> None:
 
 ACTIVE: contextvars.ContextVar[ActiveForward | None] = contextvars.ContextVar("patchkit_flash2_active", default=None)
 
-# id(config) -> [weakref to config, previous implementation, live patches, field set]
-_PREVIOUS: dict[int, list[Any]] = {}
 
+class ConfigSwitch(str):
+    """The value flash2 puts in a config's attention-implementation field: equal to ``"patchkit"``
+    (so transformers dispatches on it like any string), and remembering what the field held before,
+    which field it was, and the patched base models that hold the switch.
 
-def _entry(config: Any) -> list[Any] | None:
-    entry = _PREVIOUS.get(id(config))
-    return entry if entry is not None and entry[0]() is config else None
-
-
-def acquire_config(config: Any) -> str:
-    """Point ``config`` at ``"patchkit"`` for one more patched model; returns the previous implementation.
-
-    Counted, so that models sharing one config object can be patched and reversed in any order:
-    the config goes back to its previous implementation when the last of them is reversed.
+    Keeping the state *in* the field it changes means: no module global (nothing keyed by
+    ``id(config)``), nothing serialized (``PreTrainedConfig.to_dict`` drops
+    ``_attn_implementation_internal``), and ``copy.deepcopy`` carries it with the config. Holders are
+    weak references (a config must not keep models alive or drag them into its copies);
+    ``__deepcopy__`` maps them through the memo, so a deep copy of a patched model holds a switch
+    whose only holder is the copied base model.
     """
-    entry = _entry(config)
-    if entry is not None:
-        entry[2] += 1
-        return str(entry[1])
-    previous = config._attn_implementation
-    # the plain field when this transformers has one (5.x), else the property
-    name = "_attn_implementation_internal"
-    if name not in vars(config):
-        name = "_attn_implementation"
-    _PREVIOUS[id(config)] = [weakref.ref(config), previous, 1, name]
-    setattr(config, name, KEY)
-    return str(previous)
+
+    previous: str
+    field: str
+    holders: list[weakref.ref[Any]]
+
+    def __new__(cls, previous: str, field: str) -> ConfigSwitch:
+        self = super().__new__(cls, KEY)
+        self.previous = previous
+        self.field = field
+        self.holders = []
+        return self
+
+    def live_holders(self, config: Any) -> list[Any]:
+        """The holders still alive and still using ``config`` (a holder is removed when it is reversed)."""
+        alive = [ref() for ref in self.holders]
+        return [base for base in alive if base is not None and getattr(base, "config", None) is config]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ConfigSwitch:
+        new = ConfigSwitch(self.previous, self.field)
+        memo[id(self)] = new
+        for ref in self.holders:
+            base = ref()
+            copied = memo.get(id(base)) if base is not None else None
+            if copied is not None:
+                new.holders.append(weakref.ref(copied))
+        return new
+
+    def __copy__(self) -> ConfigSwitch:
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickling keeps the switch, not the (weak) holders
+        return (ConfigSwitch, (self.previous, self.field))
 
 
-def release_config(config: Any) -> None:
-    """Undo one :func:`acquire_config` (journaled as a reverse step)."""
-    entry = _entry(config)
-    if entry is None:
+def _switch(config: Any) -> ConfigSwitch | None:
+    value = getattr(config, "_attn_implementation", None)
+    return value if isinstance(value, ConfigSwitch) else None
+
+
+def acquire_config(config: Any, holder: Any) -> str:
+    """Point ``config`` at ``"patchkit"`` for one more patched base model ``holder``; returns the
+    previous implementation.
+
+    Models sharing one config object can be patched and reversed in any order: the config goes back
+    to its previous implementation when the last live holder releases it.
+    """
+    switch = _switch(config)
+    if switch is None:
+        previous = str(config._attn_implementation)
+        # the plain field when this transformers has one (5.x), else the property
+        name = (
+            "_attn_implementation_internal"
+            if "_attn_implementation_internal" in vars(config)
+            else "_attn_implementation"
+        )
+        switch = ConfigSwitch(previous, name)
+        setattr(config, name, switch)
+    switch.holders = [ref for ref in switch.holders if ref() is not None]
+    switch.holders.append(weakref.ref(holder))
+    return switch.previous
+
+
+def release_config(config: Any, holder: Any) -> None:
+    """Undo one :func:`acquire_config` (journaled as a reverse step, ``functools.partial`` with the
+    config and the base model: both follow a deep copy of the model)."""
+    switch = _switch(config)
+    if switch is None:  # the field was changed by hand since: leave it
         return
-    entry[2] -= 1
-    if entry[2] <= 0:
-        setattr(config, entry[3], entry[1])
-        del _PREVIOUS[id(config)]
+    switch.holders = [ref for ref in switch.holders if ref() is not None and ref() is not holder]
+    if not switch.live_holders(config):
+        setattr(config, switch.field, switch.previous)
 
 
 def previous_implementation(config: Any) -> str:
     """The implementation ``config`` had before patchkit set it to ``"patchkit"`` (default ``"eager"``)."""
-    entry = _entry(config)
-    return str(entry[1]) if entry is not None else "eager"
+    switch = _switch(config)
+    return switch.previous if switch is not None else "eager"
 
 
 # -- registration -------------------------------------------------------------------------------
