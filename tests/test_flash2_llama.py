@@ -124,8 +124,12 @@ def test_padding_free_runs_packed_tokens_through_mlp():
     with LinearInputs(model.model.layers[0].mlp.gate_proj.weight) as recorder:
         logits(model, ids, mask)
         assert recorder.seen == [(1, int(mask.sum()), 64)]  # no padding token reaches the MLP
-        logits(model, ids, mask, use_cache=True)  # a cache in use: padded rows, varlen attention only
-    assert recorder.seen[-1] == (3, 11, 64)
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask, use_cache=True)  # prefill into an empty cache: packed too
+            assert recorder.seen[-1] == (1, int(mask.sum()), 64)
+            step_mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+            model(ids[:, :1], attention_mask=step_mask, past_key_values=out.past_key_values)  # decode step
+    assert recorder.seen[-1] == (3, 1, 64)  # a non-empty cache: padded rows, varlen attention only
 
 
 def test_packed_sequences_by_position_ids():

@@ -229,3 +229,102 @@ def test_transformers_output_capturing_hooks_do_not_count():
     with warnings.catch_warnings():
         warnings.simplefilter("error", patchkit.PatchkitWarning)
         assert _ran_padding_free(model, ids, mask)
+
+
+# -- 4. padding-free prefill into an empty KV cache ------------------------------------------------
+def _cached(make):
+    model = make()
+    model.config.use_cache = True  # the Llama / Mistral default
+    model.generation_config.use_cache = True
+    return model
+
+
+def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _assert_same_cache(got, want, mask) -> None:
+    got_layers, want_layers = _cache_layers(got), _cache_layers(want)
+    assert len(got_layers) == len(want_layers) > 0
+    for (gk, gv), (wk, wv) in zip(got_layers, want_layers, strict=True):
+        assert gk.shape == wk.shape and gv.shape == wv.shape  # [B, H, L, D] (sliding: last window-1)
+        valid = mask[:, -wk.shape[2] :].bool()
+        for g, w in ((gk, wk), (gv, wv)):
+            assert (g - w).abs().transpose(1, 2)[valid].max() <= TOL
+
+
+@pytest.mark.parametrize("make", [llama, lambda: mistral(window=3)], ids=["llama", "mistral-window3"])
+@pytest.mark.parametrize("pad", ["left", "right"])
+@pytest.mark.parametrize("cache_arg", ["none", "empty-dynamic-cache"])
+def test_plain_call_with_cache_runs_padding_free(make, pad, cache_arg):
+    from test_flash2_llama import batch
+    from transformers import DynamicCache
+
+    model = _cached(make)
+    ids, mask = batch(pad)
+
+    def call():
+        kw = {} if cache_arg == "none" else {"past_key_values": DynamicCache(config=model.config)}
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # past_key_values -> cache (5.24)
+            return model(ids, attention_mask=mask, **kw)  # no use_cache argument: config says True
+
+    want = call()
+    patch(model)
+    with LinearInputs(model.model.layers[0].mlp.gate_proj.weight) as recorder:
+        got = call()
+    assert recorder.seen == [(1, int(mask.sum()), 64)]  # padding-free although a cache is filled
+    assert close_on(mask, got.logits, want.logits) <= TOL
+    _assert_same_cache(got.past_key_values, want.past_key_values, mask)
+    # a decode step continues from the cache exactly as eager's
+    step = _ids(3, 1, seed=11)
+    step_mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        want_step = model_step = None
+        patchkit.reverse(model)
+        want_step = model(step, attention_mask=step_mask, past_key_values=want.past_key_values).logits
+        patch(model)
+        model_step = model(step, attention_mask=step_mask, past_key_values=got.past_key_values).logits
+    assert (model_step - want_step).abs().max() <= TOL
+
+
+@pytest.mark.parametrize(
+    "make",
+    [llama, lambda: llama(kv_heads=1), lambda: mistral(window=3), lambda: mistral(window=6)],
+    ids=["llama-gqa", "llama-mqa", "mistral-window3", "mistral-window6"],
+)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_generate_prefill_runs_padding_free_and_matches_eager(make, rows):
+    from test_flash2_llama import batch
+
+    model = _cached(make)
+    ids, mask = batch("left")
+    ids, mask = ids[:rows], mask[:rows]
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    want = model.generate(ids, attention_mask=mask, **kw)
+    patch(model)
+    with LinearInputs(model.model.layers[0].mlp.gate_proj.weight) as recorder:
+        got = model.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(got, want)
+    if bool(mask.all()):
+        assert recorder.seen[0] == (rows, 11, 64)  # nothing to skip: the padded path
+    else:
+        assert recorder.seen[0] == (1, int(mask.sum()), 64)  # the prefill ran padding-free
+    assert all(shape[:2] == (rows, 1) for shape in recorder.seen[1:]), recorder.seen  # decode: one token per row
+
+
+def test_non_empty_cache_takes_the_padded_path():
+    from test_flash2_llama import batch
+
+    model = _cached(llama)
+    ids, mask = batch("left")
+    with torch.no_grad():
+        first = model(ids[:, :6], attention_mask=mask[:, :6])
+        rest_want = model(ids[:, 6:], attention_mask=mask, past_key_values=first.past_key_values).logits
+        first = model(ids[:, :6], attention_mask=mask[:, :6])
+        patch(model)
+        with LinearInputs(model.model.layers[0].mlp.gate_proj.weight) as recorder:
+            rest = model(ids[:, 6:], attention_mask=mask, past_key_values=first.past_key_values).logits
+    assert recorder.seen == [(3, 5, 64)]
+    assert close_on(mask[:, 6:], rest, rest_want) <= TOL

@@ -46,6 +46,31 @@ class ActiveForward:
     mask: torch.Tensor | None = None
     layouts: dict[Any, tuple[Any, L.Layout | None]] = field(default_factory=dict)
     owner: Any = None  # the model's padfree.PatchedForward (warn_once)
+    prefill: Prefill | None = None  # a padding-free call filling an empty KV cache
+
+
+@dataclass
+class Prefill:
+    """A padding-free call that fills an empty KV cache the host does not see.
+
+    Each attention call of the packed forward writes its ``[1, H, tokens, D]`` keys and values (after
+    RoPE, exactly what the host would pass to ``cache.update``) re-padded to the ``[batch, H, length,
+    D]`` layout of the unpatched call (zeros on padding) through the cache's own ``update``, so the
+    cache holds what the unpatched model writes on every valid position (left or right padding).
+    """
+
+    cache: Any
+    index: torch.Tensor  # flat indices (into batch * length) of the packed tokens
+    batch: int
+    length: int
+
+    def write(self, module: Any, key: torch.Tensor, value: torch.Tensor) -> None:
+        """``cache.update`` with this layer's keys and values in the padded layout."""
+        padded = [
+            L.repad(x[0].transpose(0, 1), self.index, self.batch, self.length).transpose(1, 2).contiguous()
+            for x in (key, value)
+        ]
+        self.cache.update(padded[0], padded[1], module.layer_idx)
 
 
 def warn_once(kind: str, message: str) -> None:
@@ -313,7 +338,14 @@ def attention_forward(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Attention-interface entry: the module's own varlen kernel if patched, else its previous implementation."""
+    """Attention-interface entry: the module's own varlen kernel if patched, else its previous implementation.
+
+    Inside a padding-free call that fills a KV cache (:class:`Prefill`), first writes this layer's
+    keys and values to the cache, in the padded layout the host would have written.
+    """
+    active = ACTIVE.get()
+    if active is not None and active.prefill is not None and getattr(module, "config", None) is active.config:
+        active.prefill.write(module, key, value)
     state = module.__dict__.get(STATE_ATTR)
     if state is None:
         return _fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

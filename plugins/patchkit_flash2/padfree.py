@@ -6,9 +6,11 @@ row once at the entry, every layer runs on packed tokens (varlen attention throu
 ``cu_seq_lens_*`` kwargs the host passes down to attention), and the last hidden state is
 re-padded once at the end (zeros on padding positions).
 
-Padding-free is used only when it is exact and the host can carry it: a 2D mask with padding, no
-KV cache (``use_cache`` resolving to False and no cache passed), no ``output_hidden_states``, no
-caller-supplied ``cu_seq_lens_*``, and a model that forwards per-call kwargs to its attention.
+Padding-free is used only when it is exact and the host can carry it: a 2D mask with padding, a
+call that starts from an empty KV cache (none passed, or an empty ``DynamicCache``: plain calls
+and ``generate``'s prefill; the cache is filled in the padded layout the host would have written),
+no ``output_hidden_states``, no caller-supplied ``cu_seq_lens_*``, and a model that forwards
+per-call kwargs to its attention. Decode steps (a non-empty cache) run padded, varlen attention only.
 A hook on any module inside the base model (or a global module hook) would see packed tensors:
 such calls run padded, with one :class:`patchkit.PatchkitWarning` per model.
 """
@@ -88,10 +90,11 @@ class PatchedForward:
         )
         token = dispatch.ACTIVE.set(state)
         try:
-            if self.padding_free and self.pass_kwargs and _padding_free_ok(config, kw):
+            plan = _padding_free_plan(config, kw) if self.padding_free and self.pass_kwargs else None
+            if plan is not None:
                 hooked = hooked_modules(self.base)
                 if not hooked:
-                    return _packed_call(self.original, kw)
+                    return _packed_call(self.original, kw, state, plan)
                 self.warn_once(
                     "hooks",
                     f"hooks on {', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''} would see packed "
@@ -136,29 +139,52 @@ def make_forward(base: torch.nn.Module, original: Callable[..., Any], padding_fr
     return PatchedForward(base, original, padding_free, pass_kwargs)
 
 
-def _padding_free_ok(config: Any, kw: dict[str, Any]) -> bool:
+_NO_CACHE = object()  # plan: padding-free without a cache
+
+
+def _padding_free_plan(config: Any, kw: dict[str, Any]) -> Any:
+    """How this call can run padding-free: ``None`` (it cannot: padded path), :data:`_NO_CACHE`, or
+    the KV cache to fill (an empty ``DynamicCache``: the caller's, or a new one built as the host
+    builds it when ``use_cache`` resolves to True and none was passed)."""
     mask = kw.get("attention_mask")
-    if mask is None or mask.dim() != 2 or any(kw.get(name) is not None for name in CACHE_NAMES):
-        return False
-    use_cache = kw.get("use_cache")
-    if (getattr(config, "use_cache", False) if use_cache is None else use_cache) or _wants(
-        config, kw, "output_hidden_states"
-    ):
-        return False
+    if mask is None or mask.dim() != 2 or _wants(config, kw, "output_hidden_states"):
+        return None
     if kw.get("cu_seq_lens_q") is not None or kw.get("return_dict") is False:
-        return False
+        return None
     tokens = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
     if tokens is None or tokens.shape[1] != mask.shape[1]:
-        return False
+        return None
+    passed = [kw[name] for name in CACHE_NAMES if kw.get(name) is not None]
+    if passed:
+        from transformers.cache_utils import DynamicCache
+
+        # only a prefill into an empty dynamic cache: decode steps and static caches run padded
+        if not isinstance(passed[0], DynamicCache) or passed[0].get_seq_length() != 0:
+            return None
     if bool(mask.bool().all()):
-        return False
+        return None
     # a sliding window over a mask with holes counts original positions: packing would move tokens
     # into each other's window, so that call takes the padded path (attention warns and falls back)
     window = getattr(config, "sliding_window", None)
-    return not (window is not None and window < mask.shape[1] and L.has_holes(mask))
+    if window is not None and window < mask.shape[1] and L.has_holes(mask):
+        return None
+    if passed:
+        return passed[0]
+    use_cache = kw.get("use_cache")
+    if getattr(config, "use_cache", False) if use_cache is None else use_cache:
+        from transformers.cache_utils import DynamicCache
+
+        return DynamicCache(config=config)  # what the host builds for use_cache without a cache
+    return _NO_CACHE
 
 
-def _packed_call(original: Callable[..., Any], kw: dict[str, Any]) -> Any:
+def _packed_call(original: Callable[..., Any], kw: dict[str, Any], state: dispatch.ActiveForward, cache: Any) -> Any:
+    """Run ``original`` on the valid tokens packed in one row; re-pad the last hidden state.
+
+    With a ``cache`` the host gets none (so it writes nothing packed); every attention call writes
+    its keys and values, re-padded to ``[B, H, L, D]`` (zeros on padding), through ``cache.update``
+    (see :class:`dispatch.Prefill`), and the output carries the cache as the host's would.
+    """
     mask = kw.pop("attention_mask").bool()
     batch, length = mask.shape
     index = mask.flatten().nonzero().squeeze(1)
@@ -166,7 +192,7 @@ def _packed_call(original: Callable[..., Any], kw: dict[str, Any]) -> Any:
     cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     max_len = int(lengths.max())
     position_ids = kw.get("position_ids")
-    if position_ids is None:  # what the host uses without a cache: 0..T-1 in every row
+    if position_ids is None:  # what the host uses from an empty cache: 0..T-1 in every row
         position_ids = torch.arange(length, device=mask.device).unsqueeze(0)
     kw["position_ids"] = position_ids.expand(batch, length).reshape(-1)[index].unsqueeze(0)
     if kw.get("input_ids") is not None:
@@ -174,6 +200,10 @@ def _packed_call(original: Callable[..., Any], kw: dict[str, Any]) -> Any:
     else:
         embeds = kw["inputs_embeds"]
         kw["inputs_embeds"] = embeds.reshape(batch * length, -1).index_select(0, index).unsqueeze(0)
+    for name in (*CACHE_NAMES, "cache_position"):
+        kw.pop(name, None)
+    if cache is not _NO_CACHE:
+        state.prefill = dispatch.Prefill(cache=cache, index=index, batch=batch, length=length)
     kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len, use_cache=False)
     out = original(**kw)
     packed = out[0]
@@ -182,4 +212,7 @@ def _packed_call(original: Callable[..., Any], kw: dict[str, Any]) -> Any:
     if isinstance(out, tuple):
         return (full, *out[1:])
     out["last_hidden_state"] = full
+    if cache is not _NO_CACHE:
+        fields = getattr(out, "__dataclass_fields__", {})
+        out[next((name for name in CACHE_NAMES if name in fields), CACHE_NAMES[0])] = cache
     return out
