@@ -65,10 +65,14 @@ class Prefill:
     length: int
 
     def write(self, module: Any, key: torch.Tensor, value: torch.Tensor) -> None:
-        """``cache.update`` with this layer's keys and values in the padded layout."""
+        """``cache.update`` with this layer's keys and values in the padded layout.
+
+        Each is one zero-filled ``[batch, length, H, D]`` buffer with the tokens copied in, handed
+        over as its ``[batch, H, length, D]`` view: the memory layout of the host's own keys (the
+        projection viewed and transposed), so later ``torch.cat`` steps behave as unpatched.
+        """
         padded = [
-            L.repad(x[0].transpose(0, 1), self.index, self.batch, self.length).transpose(1, 2).contiguous()
-            for x in (key, value)
+            L.repad(x[0].transpose(0, 1), self.index, self.batch, self.length).transpose(1, 2) for x in (key, value)
         ]
         self.cache.update(padded[0], padded[1], module.layer_idx)
 
