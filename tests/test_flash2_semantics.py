@@ -97,8 +97,10 @@ def _holey_mask() -> torch.Tensor:
 
 
 @pytest.mark.parametrize("padding_free", [True, False])
-def test_sliding_window_with_holes_matches_eager(padding_free):
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_sliding_window_with_holes_matches_eager(padding_free, impl):
     model = mistral(window=3)
+    model.config._attn_implementation = impl  # the fallback runs the previous implementation
     ids, mask = _ids(3, 11), _holey_mask()
     want = logits(model, ids, mask)
     patch(model, padding_free=padding_free)
