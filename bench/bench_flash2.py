@@ -432,8 +432,11 @@ def main() -> None:
     parser.add_argument("--paddings", default="0,0.3,0.5", help="padding fractions of the plain-call table")
     parser.add_argument("--no-generate", action="store_true", help="skip the generate benchmark")
     parser.add_argument("--only-generate", action="store_true", help="only the generate benchmark")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--gpu-dry-run", action="store_true", help="run gpu_checks(small=True) and print JSON")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.gpu_dry_run:
         print(json.dumps(gpu_checks(small=True), indent=1))
         return

@@ -125,10 +125,14 @@ def explicit(cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int | torch.Tensor, 
 
 
 def unpad(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    """``[batch, heads, len, dim]`` -> packed ``[tokens, heads, dim]``."""
+    """``[batch, heads, len, dim]`` -> packed ``[tokens, heads, dim]``.
+
+    With an ``index``, one gather straight from the ``[batch, len, heads, dim]`` view (no full
+    contiguous copy first: a decode step reads the whole KV cache here, every layer)."""
     b, h, n, d = x.shape
-    flat = x.transpose(1, 2).reshape(b * n, h, d)
-    return flat if index is None else flat.index_select(0, index)
+    if index is None:
+        return x.transpose(1, 2).reshape(b * n, h, d)
+    return x.transpose(1, 2)[index // n, index % n]
 
 
 def repad(out: torch.Tensor, index: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
