@@ -1,7 +1,10 @@
 """flash2 benchmarks: patchkit (padding-free + varlen kernel) vs transformers' sdpa, in one process.
 
 CPU (this script's main): reference kernel + padding-free on an OPT-125m-sized Llama decoder
-(hidden 768, 12 layers, 12 heads, ffn 3072), batch 16 x 512, at 0 / 30 / 50 % padding.
+(hidden 768, 12 layers, 12 heads, ffn 3072), batch 16 x 512, at 0 / 30 / 50 % padding, plain calls
+``model(ids, attention_mask=mask)`` with no ``use_cache`` argument (Llama's default config
+``use_cache=True``: both models fill a KV cache); then greedy ``generate`` (LlamaForCausalLM, same
+size, 16 new tokens, left-padded prompts ~45 % padding) end to end, tokens compared.
 Baseline and patched model hold the same weights; runs alternate (baseline, patched, baseline, ...)
 and medians are reported. Not a test: it asserts nothing beyond a correctness sanity check.
 
@@ -10,7 +13,9 @@ and medians are reported. Not a test: it asserts nothing beyond a correctness sa
 
 ``gpu_checks(small)`` is what bench/gpu_check.py calls on a GPU machine (see the issue): torch
 kernel vs eager in bf16, the 8 x 4096 benchmark vs sdpa with peak memory and a bare packed call,
-and batch 1 without padding. ``gpu_checks(small=True)`` dry-runs on the CPU with the reference kernel.
+batch 1 without padding, plain calls (config ``use_cache=True``) at 30 / 50 % padding, and greedy
+``generate`` (16 x 1024 left-padded prompts, ~45 % padding, 16 new tokens) with tokens compared.
+``gpu_checks(small=True)`` dry-runs on the CPU with the reference kernel.
 """
 
 from __future__ import annotations
@@ -28,8 +33,13 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel, MistralConfi
 
 import patchkit
 
+CPU_SIZE = dict(hidden=768, layers=12, heads=12, kv_heads=12, ffn=3072)  # OPT-125m-sized decoder
+SMALL_SIZE = dict(hidden=128, layers=2, heads=4, kv_heads=4, ffn=256)
 
-def llama_config(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, impl: str) -> LlamaConfig:
+
+def llama_config(
+    hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, impl: str, use_cache: bool = False
+) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=32000,
         hidden_size=hidden,
@@ -38,18 +48,26 @@ def llama_config(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, 
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         attn_implementation=impl,
-        use_cache=False,
+        use_cache=use_cache,
         max_position_embeddings=8192,
+        pad_token_id=0,
     )
 
 
-def twin_models(cfg_kw: dict[str, Any], device: str, dtype: torch.dtype) -> tuple[LlamaModel, LlamaModel]:
-    """Two LlamaModels with the same weights: (HF sdpa baseline, copy to patch)."""
+def twin_models(
+    cfg_kw: dict[str, Any], device: str, dtype: torch.dtype, use_cache: bool = False, cls: Any = LlamaModel
+) -> tuple[Any, Any]:
+    """Two models of ``cls`` with the same weights: (HF sdpa baseline, copy to patch).
+
+    ``use_cache=True`` is the Llama config default: a plain call then fills a KV cache."""
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the device: fast for the 1B GPU model
-        base = LlamaModel(llama_config(**cfg_kw, impl="sdpa")).to(dtype=dtype).eval()
-        other = LlamaModel(llama_config(**cfg_kw, impl="sdpa")).to(dtype=dtype).eval()
+        base = cls(llama_config(**cfg_kw, impl="sdpa", use_cache=use_cache)).to(dtype=dtype).eval()
+        other = cls(llama_config(**cfg_kw, impl="sdpa", use_cache=use_cache)).to(dtype=dtype).eval()
     other.load_state_dict(base.state_dict())
+    for model in (base, other):
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.use_cache = use_cache
     return base, other
 
 
@@ -92,23 +110,27 @@ def valid_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
     return float((a[m].float() - b[m].float()).abs().max())
 
 
-def cpu_bench(small: bool, reps: int) -> list[dict[str, Any]]:
-    """The CPU table: reference kernel + padding-free vs HF sdpa at 0 / 30 / 50 % padding."""
-    size = dict(hidden=768, layers=12, heads=12, kv_heads=12, ffn=3072)
-    batch, length = 16, 512
+def cpu_bench(small: bool, reps: int, paddings: tuple[float, ...] = (0.0, 0.3, 0.5)) -> list[dict[str, Any]]:
+    """The CPU table: reference kernel + padding-free vs HF sdpa, **plain calls** ``model(ids,
+    attention_mask=mask)`` with no ``use_cache`` argument on a config that keeps Llama's default
+    ``use_cache=True`` (both models fill a KV cache), right padding spread evenly over rows."""
+    size, batch, length = CPU_SIZE, 16, 512
     if small:
-        size, batch, length = dict(hidden=128, layers=2, heads=4, kv_heads=4, ffn=256), 4, 64
-    sdpa, patched = twin_models(size, "cpu", torch.float32)
+        size, batch, length = SMALL_SIZE, 4, 64
+    sdpa, patched = twin_models(size, "cpu", torch.float32, use_cache=True)
     patchkit.apply(patched, attention="flash2", backend="reference")
     rows = []
-    for padding in (0.0, 0.3, 0.5):
+    for padding in paddings:
         ids, mask = padded_batch(batch, length, padding, "cpu")
         with torch.inference_mode():
-            diff = valid_diff(
-                patched(ids, attention_mask=mask).last_hidden_state,
-                sdpa(ids, attention_mask=mask).last_hidden_state,
-                mask,
+            got, want = patched(ids, attention_mask=mask), sdpa(ids, attention_mask=mask)
+            diff = valid_diff(got.last_hidden_state, want.last_hidden_state, mask)
+            cache_diff = max(
+                valid_diff(g.transpose(1, 2), w.transpose(1, 2), mask)
+                for gl, wl in zip(_cache(got).layers, _cache(want).layers, strict=True)
+                for g, w in ((gl.keys, wl.keys), (gl.values, wl.values))
             )
+            del got, want
             med = alternate(
                 {
                     "sdpa": partial(sdpa, ids, attention_mask=mask),
@@ -123,11 +145,67 @@ def cpu_bench(small: bool, reps: int) -> list[dict[str, Any]]:
                 sdpa_s=med["sdpa"],
                 patchkit_s=med["patchkit"],
                 speedup=med["sdpa"] / med["patchkit"],
-                max_abs_diff=diff,
+                max_abs_diff=max(diff, cache_diff),
             )
         )
         print(_row(rows[-1]), flush=True)
     return rows
+
+
+def _cache(out: Any) -> Any:
+    """The KV cache of a model output (``cache`` in transformers 5.24, ``past_key_values`` in 5.17)."""
+    fields = getattr(out, "__dataclass_fields__", {})
+    return out["cache"] if "cache" in fields else out.past_key_values
+
+
+def left_padded_batch(batch: int, length: int, padding: float, device: str, vocab: int = 32000):
+    """:func:`padded_batch` flipped: left padding, as ``generate`` needs."""
+    ids, mask = padded_batch(batch, length, padding, device, vocab)
+    return ids.flip(1), mask.flip(1)
+
+
+def generate_bench(
+    small: bool,
+    reps: int,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    backend: str = "reference",
+    size: dict[str, int] | None = None,
+    shape: tuple[int, int] = (16, 512),
+    new_tokens: int = 16,
+    padding: float = 0.45,
+) -> dict[str, Any]:
+    """Greedy ``generate`` end to end (prefill + ``new_tokens`` decode steps), left-padded prompts,
+    LlamaForCausalLM with Llama's default ``use_cache=True``: patchkit vs HF sdpa, tokens compared."""
+    if size is None:
+        size = SMALL_SIZE if small else CPU_SIZE
+    batch, length = (4, 64) if small else shape
+    sdpa, patched = twin_models(size, device, dtype, use_cache=True, cls=LlamaForCausalLM)
+    patchkit.apply(patched, attention="flash2", backend=backend)
+    ids, mask = left_padded_batch(batch, length, padding, device)
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        want = sdpa.generate(ids, attention_mask=mask, **kw)
+        got = patched.generate(ids, attention_mask=mask, **kw)
+        med = alternate(
+            {
+                "sdpa": partial(sdpa.generate, ids, attention_mask=mask, **kw),
+                "patchkit": partial(patched.generate, ids, attention_mask=mask, **kw),
+            },
+            reps,
+            device,
+        )
+    return dict(
+        batch=batch,
+        prompt=length,
+        new_tokens=new_tokens,
+        padding=round(1 - mask.float().mean().item(), 3),
+        sdpa_s=med["sdpa"],
+        patchkit_s=med["patchkit"],
+        speedup=med["sdpa"] / med["patchkit"],
+        tokens_identical=bool(torch.equal(got, want)),
+        token_agreement=float((got == want).float().mean()),
+    )
 
 
 def _row(r: dict[str, Any]) -> str:
@@ -299,23 +377,87 @@ def gpu_checks(small: bool) -> dict[str, Any]:
         result["torch_varlen_features"] = sorted(backends.torch_features())
     result["accuracy"] = accuracy_checks(device, dtype, backend)
     result["speed"] = speed_checks(device, dtype, backend, small, reps=3 if small else 10)
+    result["plain_call"] = plain_call_checks(device, dtype, backend, small, reps=3 if small else 10)
+    gpu_size = dict(hidden=2048, layers=16, heads=32, kv_heads=8, ffn=5632)
+    result["generate"] = generate_bench(
+        small,
+        reps=2 if small else 5,
+        device=device,
+        dtype=dtype,
+        backend=backend,
+        size=SMALL_SIZE if small else gpu_size,
+        shape=(16, 1024),
+        new_tokens=16,
+        padding=0.45,
+    )
     return result
+
+
+def plain_call_checks(device: str, dtype: torch.dtype, backend: str, small: bool, reps: int) -> dict[str, Any]:
+    """Plain calls with no ``use_cache`` argument on Llama's default config (``use_cache=True``, so both
+    models fill a KV cache): 8 x 4096 at ~30 % and ~50 % padding vs HF sdpa, time and peak memory."""
+    size = dict(hidden=2048, layers=16, heads=32, kv_heads=8, ffn=5632)
+    shapes = {"b8x4096_pad30": (8, 4096, 0.3), "b8x4096_pad50": (8, 4096, 0.5)}
+    if small:
+        size = dict(hidden=128, layers=2, heads=4, kv_heads=2, ffn=256)
+        shapes = {"b4x128_pad30": (4, 128, 0.3), "b4x128_pad50": (4, 128, 0.5)}
+    sdpa, patched = twin_models(size, device, dtype, use_cache=True)
+    patchkit.apply(patched, attention="flash2", backend=backend)
+    results: dict[str, Any] = {"model": size, "backend": backend, "dtype": str(dtype), "use_cache": "config (True)"}
+    for name, (batch, length, padding) in shapes.items():
+        ids, mask = padded_batch(batch, length, padding, device)
+        fns = {"sdpa": partial(sdpa, ids, attention_mask=mask), "patchkit": partial(patched, ids, attention_mask=mask)}
+        with torch.inference_mode():
+            got, want = fns["patchkit"](), fns["sdpa"]()
+            diff = valid_diff(got.last_hidden_state, want.last_hidden_state, mask)
+            cache_filled = _cache(got) is not None and _cache(got).get_seq_length() == length
+            del got, want
+            med = alternate(fns, reps, device)
+            peaks = {k: _peak(device, fn) for k, fn in fns.items()}
+        results[name] = dict(
+            padding=round(1 - mask.float().mean().item(), 3),
+            ms={k: v * 1e3 for k, v in med.items()},
+            speedup_vs_sdpa=med["sdpa"] / med["patchkit"],
+            peak_gib_above_weights=peaks,
+            max_abs_diff_vs_sdpa=diff,
+            cache_filled=cache_filled,
+        )
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="tiny model and batch (seconds)")
     parser.add_argument("--reps", type=int, default=None, help="timed runs per variant (default 3, small 3)")
+    parser.add_argument("--paddings", default="0,0.3,0.5", help="padding fractions of the plain-call table")
+    parser.add_argument("--no-generate", action="store_true", help="skip the generate benchmark")
+    parser.add_argument("--only-generate", action="store_true", help="only the generate benchmark")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--gpu-dry-run", action="store_true", help="run gpu_checks(small=True) and print JSON")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.gpu_dry_run:
         print(json.dumps(gpu_checks(small=True), indent=1))
         return
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
-    print("padding  sdpa_s   patchkit_s  speedup  max_abs_diff (last hidden state, valid tokens)", flush=True)
-    cpu_bench(args.small, args.reps or 3)
+    reps = args.reps or 3
+    if not args.only_generate:
+        print("plain call model(ids, attention_mask=mask), config use_cache=True (Llama default)")
+        print(
+            "padding  sdpa_s   patchkit_s  speedup  max_abs_diff (last hidden state + cache, valid tokens)", flush=True
+        )
+        cpu_bench(args.small, reps, tuple(float(x) for x in args.paddings.split(",")))
+    if not args.no_generate:
+        r = generate_bench(args.small, reps)
+        print(
+            f"generate: batch {r['batch']} x prompt {r['prompt']} (left padding {r['padding']:.2f}), "
+            f"{r['new_tokens']} new tokens: sdpa {r['sdpa_s']:.3f} s, patchkit {r['patchkit_s']:.3f} s, "
+            f"{r['speedup']:.2f}x, tokens identical: {r['tokens_identical']} (agreement {r['token_agreement']:.4f})",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

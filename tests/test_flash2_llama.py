@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 from helpers import snapshot
+from torch.overrides import TorchFunctionMode
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -73,6 +74,21 @@ def logits(model, ids, mask, **kw) -> torch.Tensor:
         return model(ids, attention_mask=mask, **kw).logits
 
 
+class LinearInputs(TorchFunctionMode):
+    """Shapes of the inputs ``F.linear`` receives with ``weight`` (a module hook would itself switch
+    padding-free off: hooks inside a patched model see padded tensors)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = weight
+        self.seen: list[tuple[int, ...]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.linear and len(args) > 1 and args[1] is self.weight:
+            self.seen.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
 def patch(model, **kw) -> patchkit.PatchReport:
     return patchkit.apply(model, attention="flash2", backend="reference", **kw)
 
@@ -104,13 +120,16 @@ def test_matches_eager(make, pad, padding_free):
 def test_padding_free_runs_packed_tokens_through_mlp():
     model = llama()
     ids, mask = batch("left")
-    seen = []
-    model.model.layers[0].mlp.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
     patch(model)
-    logits(model, ids, mask)
-    assert seen == [(1, int(mask.sum()), 64)]  # no padding token reaches the MLP
-    logits(model, ids, mask, use_cache=True)  # a cache in use: padded rows, varlen attention only
-    assert seen[-1] == (3, 11, 64)
+    with LinearInputs(model.model.layers[0].mlp.gate_proj.weight) as recorder:
+        logits(model, ids, mask)
+        assert recorder.seen == [(1, int(mask.sum()), 64)]  # no padding token reaches the MLP
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask, use_cache=True)  # prefill into an empty cache: packed too
+            assert recorder.seen[-1] == (1, int(mask.sum()), 64)
+            step_mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+            model(ids[:, :1], attention_mask=step_mask, past_key_values=out.past_key_values)  # decode step
+    assert recorder.seen[-1] == (3, 1, 64)  # a non-empty cache: padded rows, varlen attention only
 
 
 def test_packed_sequences_by_position_ids():
@@ -291,9 +310,9 @@ def test_models_sharing_a_config_reverse_in_any_order():
     patch(b)
     patchkit.reverse(a)  # b stays patched: the shared config still says "patchkit"
     assert a.config._attn_implementation == "patchkit"
-    seen = []
-    b.model.layers[0].mlp.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
-    assert close_on(mask, logits(b, ids, mask), want_b) <= TOL and seen == [1]  # b still padding-free
+    with LinearInputs(b.model.layers[0].mlp.gate_proj.weight) as recorder:
+        assert close_on(mask, logits(b, ids, mask), want_b) <= TOL
+    assert [shape[0] for shape in recorder.seen] == [1]  # b still padding-free
     assert torch.equal(logits(a, ids, mask), want_a)  # a falls back to eager exactly
     patchkit.reverse(b)
     assert a.config._attn_implementation == "eager"

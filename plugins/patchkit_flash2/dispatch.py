@@ -45,54 +45,144 @@ class ActiveForward:
     config: Any
     mask: torch.Tensor | None = None
     layouts: dict[Any, tuple[Any, L.Layout | None]] = field(default_factory=dict)
+    owner: Any = None  # the model's padfree.PatchedForward (warn_once)
+    prefill: Prefill | None = None  # a padding-free call filling an empty KV cache
+
+
+@dataclass
+class Prefill:
+    """A padding-free call that fills an empty KV cache the host does not see.
+
+    Each attention call of the packed forward writes its ``[1, H, tokens, D]`` keys and values (after
+    RoPE, exactly what the host would pass to ``cache.update``) re-padded to the ``[batch, H, length,
+    D]`` layout of the unpatched call (zeros on padding) through the cache's own ``update``, so the
+    cache holds what the unpatched model writes on every valid position (left or right padding).
+    """
+
+    cache: Any
+    index: torch.Tensor  # flat indices (into batch * length) of the packed tokens
+    batch: int
+    length: int
+
+    def write(self, module: Any, key: torch.Tensor, value: torch.Tensor) -> None:
+        """``cache.update`` with this layer's keys and values in the padded layout.
+
+        Each is one zero-filled ``[batch, length, H, D]`` buffer with the tokens copied in, handed
+        over as its ``[batch, H, length, D]`` view: the memory layout of the host's own keys (the
+        projection viewed and transposed), so later ``torch.cat`` steps behave as unpatched.
+        """
+        padded = [
+            L.repad(x[0].transpose(0, 1), self.index, self.batch, self.length).transpose(1, 2) for x in (key, value)
+        ]
+        self.cache.update(padded[0], padded[1], module.layer_idx)
+
+
+def warn_once(kind: str, message: str) -> None:
+    """A :class:`patchkit.PatchkitWarning` once per patched model and ``kind`` (per call when no
+    patched forward is active)."""
+    active = ACTIVE.get()
+    if active is not None and active.owner is not None:
+        active.owner.warn_once(kind, message)
+    else:
+        import warnings
+
+        from patchkit import PatchkitWarning
+
+        warnings.warn(f"patchkit flash2: {message}", PatchkitWarning, stacklevel=3)
 
 
 ACTIVE: contextvars.ContextVar[ActiveForward | None] = contextvars.ContextVar("patchkit_flash2_active", default=None)
 
-# id(config) -> [weakref to config, previous implementation, live patches, field set]
-_PREVIOUS: dict[int, list[Any]] = {}
 
+class ConfigSwitch(str):
+    """The value flash2 puts in a config's attention-implementation field: equal to ``"patchkit"``
+    (so transformers dispatches on it like any string), and remembering what the field held before,
+    which field it was, and the patched base models that hold the switch.
 
-def _entry(config: Any) -> list[Any] | None:
-    entry = _PREVIOUS.get(id(config))
-    return entry if entry is not None and entry[0]() is config else None
-
-
-def acquire_config(config: Any) -> str:
-    """Point ``config`` at ``"patchkit"`` for one more patched model; returns the previous implementation.
-
-    Counted, so that models sharing one config object can be patched and reversed in any order:
-    the config goes back to its previous implementation when the last of them is reversed.
+    Keeping the state *in* the field it changes means: no module global (nothing keyed by
+    ``id(config)``), nothing serialized (``PreTrainedConfig.to_dict`` drops
+    ``_attn_implementation_internal``), and ``copy.deepcopy`` carries it with the config. Holders are
+    weak references (a config must not keep models alive or drag them into its copies);
+    ``__deepcopy__`` maps them through the memo, so a deep copy of a patched model holds a switch
+    whose only holder is the copied base model.
     """
-    entry = _entry(config)
-    if entry is not None:
-        entry[2] += 1
-        return str(entry[1])
-    previous = config._attn_implementation
-    # the plain field when this transformers has one (5.x), else the property
-    name = "_attn_implementation_internal"
-    if name not in vars(config):
-        name = "_attn_implementation"
-    _PREVIOUS[id(config)] = [weakref.ref(config), previous, 1, name]
-    setattr(config, name, KEY)
-    return str(previous)
+
+    previous: str
+    field: str
+    holders: list[weakref.ref[Any]]
+
+    def __new__(cls, previous: str, field: str) -> ConfigSwitch:
+        self = super().__new__(cls, KEY)
+        self.previous = previous
+        self.field = field
+        self.holders = []
+        return self
+
+    def live_holders(self, config: Any) -> list[Any]:
+        """The holders still alive and still using ``config`` (a holder is removed when it is reversed)."""
+        alive = [ref() for ref in self.holders]
+        return [base for base in alive if base is not None and getattr(base, "config", None) is config]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ConfigSwitch:
+        new = ConfigSwitch(self.previous, self.field)
+        memo[id(self)] = new
+        for ref in self.holders:
+            base = ref()
+            copied = memo.get(id(base)) if base is not None else None
+            if copied is not None:
+                new.holders.append(weakref.ref(copied))
+        return new
+
+    def __copy__(self) -> ConfigSwitch:
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickling keeps the switch, not the (weak) holders
+        return (ConfigSwitch, (self.previous, self.field))
 
 
-def release_config(config: Any) -> None:
-    """Undo one :func:`acquire_config` (journaled as a reverse step)."""
-    entry = _entry(config)
-    if entry is None:
+def _switch(config: Any) -> ConfigSwitch | None:
+    value = getattr(config, "_attn_implementation", None)
+    return value if isinstance(value, ConfigSwitch) else None
+
+
+def acquire_config(config: Any, holder: Any) -> str:
+    """Point ``config`` at ``"patchkit"`` for one more patched base model ``holder``; returns the
+    previous implementation.
+
+    Models sharing one config object can be patched and reversed in any order: the config goes back
+    to its previous implementation when the last live holder releases it.
+    """
+    switch = _switch(config)
+    if switch is None:
+        previous = str(config._attn_implementation)
+        # the plain field when this transformers has one (5.x), else the property
+        name = (
+            "_attn_implementation_internal"
+            if "_attn_implementation_internal" in vars(config)
+            else "_attn_implementation"
+        )
+        switch = ConfigSwitch(previous, name)
+        setattr(config, name, switch)
+    switch.holders = [ref for ref in switch.holders if ref() is not None]
+    switch.holders.append(weakref.ref(holder))
+    return switch.previous
+
+
+def release_config(config: Any, holder: Any) -> None:
+    """Undo one :func:`acquire_config` (journaled as a reverse step, ``functools.partial`` with the
+    config and the base model: both follow a deep copy of the model)."""
+    switch = _switch(config)
+    if switch is None:  # the field was changed by hand since: leave it
         return
-    entry[2] -= 1
-    if entry[2] <= 0:
-        setattr(config, entry[3], entry[1])
-        del _PREVIOUS[id(config)]
+    switch.holders = [ref for ref in switch.holders if ref() is not None and ref() is not holder]
+    if not switch.live_holders(config):
+        setattr(config, switch.field, switch.previous)
 
 
 def previous_implementation(config: Any) -> str:
     """The implementation ``config`` had before patchkit set it to ``"patchkit"`` (default ``"eager"``)."""
-    entry = _entry(config)
-    return str(entry[1]) if entry is not None else "eager"
+    switch = _switch(config)
+    return switch.previous if switch is not None else "eager"
 
 
 # -- registration -------------------------------------------------------------------------------
@@ -252,7 +342,14 @@ def attention_forward(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Attention-interface entry: the module's own varlen kernel if patched, else its previous implementation."""
+    """Attention-interface entry: the module's own varlen kernel if patched, else its previous implementation.
+
+    Inside a padding-free call that fills a KV cache (:class:`Prefill`), first writes this layer's
+    keys and values to the cache, in the padded layout the host would have written.
+    """
+    active = ACTIVE.get()
+    if active is not None and active.prefill is not None and getattr(module, "config", None) is active.config:
+        active.prefill.write(module, key, value)
     state = module.__dict__.get(STATE_ATTR)
     if state is None:
         return _fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -262,6 +359,11 @@ def attention_forward(
         )
     causal = kwargs.pop("is_causal", None)
     causal = getattr(module, "is_causal", True) if causal is None else causal
+    window = kwargs.get("sliding_window")
+    if window is not None and attention_mask is not None and attention_mask.dim() == 2 and key.shape[2] > window:
+        layout = _layout(ACTIVE.get(), attention_mask, query, key, kwargs)
+        if layout is not None and layout.holes:
+            return _padded_window(module, query, key, value, attention_mask, dropout, scaling, bool(causal), kwargs)
     out = varlen_attention(
         state,
         module,
@@ -276,6 +378,43 @@ def attention_forward(
         use_alibi=False,
         kwargs=kwargs,
     )
+    return out, None
+
+
+def _padded_window(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    dropout: float,
+    scaling: float | None,
+    causal: bool,
+    kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, Any]:
+    """A sliding window over a padding mask with holes (not pure left/right padding).
+
+    Varlen kernels count the window on packed tokens, which would pull tokens across a hole into
+    each other's window. This call runs padded instead, through the implementation the config had
+    before (eager or sdpa; sdpa for anything else), with the host's own mask semantics: key ``j`` is
+    visible to query ``i`` (at key position ``i + k_len - q_len``) when it is a token, causal, and
+    within ``sliding_window`` original positions. Warns once per model.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    warn_once(
+        "window-holes",
+        "the padding mask has holes (not pure left/right padding) and a sliding window applies: "
+        "those calls run padded (dense masks, no varlen kernel) to keep the window on original positions",
+    )
+    previous = previous_implementation(module.config)
+    fn = ALL_ATTENTION_FUNCTIONS.get_interface("eager" if previous == "eager" else "sdpa", _eager_for(module))
+    q_len, k_len = query.shape[2], key.shape[2]
+    ok = L.padded_window_mask(mask[:, -k_len:], q_len, window_left=kwargs["sliding_window"] - 1, causal=causal)
+    dense = torch.zeros(ok.shape, dtype=query.dtype, device=query.device).masked_fill(~ok, torch.finfo(query.dtype).min)
+    rest = {k: v for k, v in kwargs.items() if not k.startswith(("cu_seq_lens", "max_length"))}
+    rest["is_causal"] = False
+    out, _ = fn(module, query, key, value, dense, dropout=dropout, scaling=scaling, **rest)
     return out, None
 
 

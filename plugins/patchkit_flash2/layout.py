@@ -24,6 +24,7 @@ class Layout:
     max_k: int
     q_index: torch.Tensor | None = None
     k_index: torch.Tensor | None = None
+    holes: bool = False  # some row's keys are not one contiguous run (not pure left/right padding)
 
 
 def _cu(lengths: torch.Tensor) -> torch.Tensor:
@@ -37,7 +38,8 @@ def from_mask(mask: torch.Tensor, q_len: int) -> Layout:
     q_mask = mask[:, -q_len:]
     k_len_each = mask.sum(-1, dtype=torch.int32)
     q_len_each = q_mask.sum(-1, dtype=torch.int32)
-    max_q, max_k = torch.stack([q_len_each.max(), k_len_each.max()]).tolist()  # one host sync
+    holes = _holes_per_row(mask).any()
+    max_q, max_k, any_holes = torch.stack([q_len_each.max(), k_len_each.max(), holes]).tolist()  # one host sync
     return Layout(
         cu_q=_cu(q_len_each),
         cu_k=_cu(k_len_each),
@@ -45,27 +47,66 @@ def from_mask(mask: torch.Tensor, q_len: int) -> Layout:
         max_k=int(max_k),
         q_index=q_mask.flatten().nonzero().squeeze(1),
         k_index=mask.flatten().nonzero().squeeze(1),
+        holes=bool(any_holes),
     )
 
 
+def _holes_per_row(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[batch]``: the row's tokens do not form one contiguous run."""
+    mask = mask.bool()
+    length = mask.shape[-1]
+    count = mask.sum(-1)
+    first = mask.int().argmax(-1)
+    last = length - 1 - mask.flip(-1).int().argmax(-1)
+    return (count > 0) & (count < last - first + 1)
+
+
+def has_holes(mask: torch.Tensor) -> bool:
+    """Whether some row of a 2D padding mask is neither full nor pure left/right/both-sided padding."""
+    return bool(_holes_per_row(mask).any())
+
+
+def padded_window_mask(mask: torch.Tensor, q_len: int, window_left: int, causal: bool) -> torch.Tensor:
+    """Boolean ``[batch, 1, q_len, k_len]`` (True = attend) on *original* positions: key ``j`` is a
+    token of ``mask`` and, for query ``i`` at key position ``p = i + k_len - q_len``, ``j <= p``
+    (when causal) and ``j >= p - window_left`` (transformers' sliding-window causal mask)."""
+    k_len = mask.shape[-1]
+    qpos = torch.arange(q_len, device=mask.device).unsqueeze(1) + (k_len - q_len)
+    kpos = torch.arange(k_len, device=mask.device).unsqueeze(0)
+    ok = kpos >= qpos - window_left
+    if causal:
+        ok = ok & (kpos <= qpos)
+    return (mask.bool()[:, None, :] & ok.unsqueeze(0)).unsqueeze(1)
+
+
 def packed_starts(position_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean ``[batch, len]``: True where a sequence starts (first token of a row, or a position that
-    does not follow its left neighbour by 1; the same rule as transformers' packed-sequence masks)."""
-    first = position_ids[:, :1] - 1
-    return torch.diff(position_ids, prepend=first, dim=-1) != 1
+    """Boolean ``[len]`` for one row of ``position_ids``: True where a packed sequence starts.
+
+    transformers' FlashAttention-2 rule (``prepare_fa_kwargs_from_position_ids``): a sequence starts
+    wherever the position equals the row's minimum, i.e. where the ids restart. Gaps and strides
+    (``0..5, 10..15``; ``0, 2, 4, ...``) are not boundaries. The first token always starts one
+    (transformers would leave tokens before the first minimum uncovered).
+    """
+    pos = position_ids.reshape(-1)
+    starts = pos == pos.min()
+    starts[0] = True
+    return starts
 
 
 def from_position_ids(position_ids: torch.Tensor, batch: int) -> Layout | None:
-    """Layout of sequences packed in rows and marked by restarting ``position_ids``; None when no row
-    holds more than one sequence (then plain dense attention is exact)."""
-    pos = position_ids.expand(batch, -1)
-    starts = packed_starts(pos)
-    starts[:, 0] = False
-    if not bool(starts.any()):
+    """Layout of sequences packed in one row and marked by restarting ``position_ids``.
+
+    As transformers' FA2 path (``_is_packed_sequence``): only a batch of one row of more than one
+    token can hold packed sequences; returns None otherwise, and when the row holds one sequence
+    (then plain causal attention over each row is exact).
+    """
+    if batch != 1 or position_ids.shape[-1] <= 1 or position_ids.numel() != position_ids.shape[-1]:
         return None
-    starts[:, 0] = True
-    begin = starts.flatten().nonzero().squeeze(1)
-    total = pos.numel()
+    starts = packed_starts(position_ids)
+    begin = starts.nonzero().squeeze(1)
+    if begin.numel() == 1:  # one host sync
+        return None
+    total = starts.numel()
     lengths = torch.diff(begin, append=begin.new_tensor([total])).to(torch.int32)
     cu = _cu(lengths)
     max_len = int(lengths.max())
@@ -84,10 +125,14 @@ def explicit(cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int | torch.Tensor, 
 
 
 def unpad(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    """``[batch, heads, len, dim]`` -> packed ``[tokens, heads, dim]``."""
+    """``[batch, heads, len, dim]`` -> packed ``[tokens, heads, dim]``.
+
+    With an ``index``, one gather straight from the ``[batch, len, heads, dim]`` view (no full
+    contiguous copy first: a decode step reads the whole KV cache here, every layer)."""
     b, h, n, d = x.shape
-    flat = x.transpose(1, 2).reshape(b * n, h, d)
-    return flat if index is None else flat.index_select(0, index)
+    if index is None:
+        return x.transpose(1, 2).reshape(b * n, h, d)
+    return x.transpose(1, 2)[index // n, index % n]
 
 
 def repad(out: torch.Tensor, index: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:

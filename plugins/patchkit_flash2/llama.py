@@ -76,8 +76,10 @@ def setup(root: nn.Module, ctx: Any) -> None:
         if not any(dispatch.STATE_ATTR in m.__dict__ for m in base.modules()):
             continue
         config = base.config
-        previous = dispatch.acquire_config(config)
-        ctx.on_reverse(functools.partial(dispatch.release_config, config), "config attention implementation back")
+        # recorded before the change (a harmless no-op if acquire never happens); a partial over
+        # objects, not a closure, so that a deep copy of the model releases its own config
+        ctx.on_reverse(functools.partial(dispatch.release_config, config, base), "config attention implementation back")
+        previous = dispatch.acquire_config(config, base)
         wrapper = padfree.make_forward(base, base.forward, padding_free=padding_free, pass_kwargs=True)
         ctx.set_attr(base, "forward", wrapper)
         ctx.note(

@@ -6,23 +6,29 @@ row once at the entry, every layer runs on packed tokens (varlen attention throu
 ``cu_seq_lens_*`` kwargs the host passes down to attention), and the last hidden state is
 re-padded once at the end (zeros on padding positions).
 
-Padding-free is used only when it is exact and the host can carry it: a 2D mask with padding, no
-KV cache (``use_cache`` resolving to False and no cache passed), no ``output_hidden_states``, no
-caller-supplied ``cu_seq_lens_*``, and a model that forwards per-call kwargs to its attention.
+Padding-free is used only when it is exact and the host can carry it: a 2D mask with padding, a
+call that starts from an empty KV cache (none passed, or an empty ``DynamicCache``: plain calls
+and ``generate``'s prefill; the cache is filled in the padded layout the host would have written),
+no ``output_hidden_states``, no caller-supplied ``cu_seq_lens_*``, and a model that forwards
+per-call kwargs to its attention. Decode steps (a non-empty cache) run padded, varlen attention only.
+A hook on any module inside the base model (or a global module hook) would see packed tensors:
+such calls run padded, with one :class:`patchkit.PatchkitWarning` per model.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from patchkit import UnsupportedError
+from patchkit import PatchkitWarning, UnsupportedError
 
 from . import dispatch
+from . import layout as L
 
 CACHE_NAMES = ("cache", "past_key_values")
 
@@ -44,51 +50,141 @@ def _wants(config: Any, kw: dict[str, Any], name: str) -> bool:
     return bool(getattr(config, name, False) if value is None else value)
 
 
-def make_forward(base: torch.nn.Module, original: Callable[..., Any], padding_free: bool, pass_kwargs: bool) -> Any:
-    """The wrapper installed as ``base.forward`` (journaled instance attribute)."""
-    signature = inspect.signature(original)
-    config = base.config
+class PatchedForward:
+    """The callable installed as ``base.forward`` (journaled instance attribute).
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        kw = _bind(signature, args, kwargs)
+    A class instance, not a closure, so that ``copy.deepcopy`` of a patched model follows its
+    references through the memo: the copy's wrapper calls the copy's original forward. Holds the
+    base model, its original bound ``forward``, the flags, and the set of fallback kinds already
+    warned about for this model (each :class:`patchkit.PatchkitWarning` is issued once per model
+    and kind, not per call or per layer).
+    """
+
+    def __init__(self, base: torch.nn.Module, original: Callable[..., Any], padding_free: bool, pass_kwargs: bool):
+        self.base = base
+        self.original = original
+        self.padding_free = padding_free
+        self.pass_kwargs = pass_kwargs
+        self.warned: set[str] = set()
+        self.__wrapped__ = original
+        self.__signature__ = inspect.signature(original)
+
+    def warn_once(self, kind: str, message: str) -> None:
+        """Issue ``message`` as a :class:`PatchkitWarning`, once per ``kind`` for this model."""
+        if kind in self.warned:
+            return
+        self.warned.add(kind)
+        warnings.warn(f"patchkit flash2 ({type(self.base).__name__}): {message}", PatchkitWarning, stacklevel=3)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        config = self.base.config
+        kw = _bind(self.__signature__, args, kwargs)
         if _wants(config, kw, "output_attentions"):
             raise UnsupportedError(
                 "flash2 attention computes no attention weights; output_attentions=True needs the original "
                 "attention: patchkit.reverse(model) first"
             )
         mask = kw.get("attention_mask")
-        state = dispatch.ActiveForward(config=config, mask=mask if mask is not None and mask.dim() == 2 else None)
+        state = dispatch.ActiveForward(
+            config=config, mask=mask if mask is not None and mask.dim() == 2 else None, owner=self
+        )
         token = dispatch.ACTIVE.set(state)
         try:
-            if padding_free and pass_kwargs and _padding_free_ok(config, kw):
-                return _packed_call(original, kw)
-            return original(**kw)
+            plan = _padding_free_plan(config, kw) if self.padding_free and self.pass_kwargs else None
+            if plan is not None:
+                hooked = hooked_modules(self.base)
+                if not hooked:
+                    return _packed_call(self.original, kw, state, plan)
+                self.warn_once(
+                    "hooks",
+                    f"hooks on {', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''} would see packed "
+                    "(1, tokens, D) tensors: calls with hooks inside the model run padded (varlen attention "
+                    "only, no padding-free speed-up) until they are removed",
+                )
+            return self.original(**kw)
         finally:
             dispatch.ACTIVE.reset(token)
 
-    forward.__wrapped__ = original  # type: ignore[attr-defined]
-    forward.__signature__ = signature  # type: ignore[attr-defined]
-    return forward
+
+INERT_HOOKS = frozenset({"output_capturing_hook"})  # transformers' output capture: reads outputs by layer
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
 
 
-def _padding_free_ok(config: Any, kw: dict[str, Any]) -> bool:
+def _foreign(hooks: Any) -> bool:
+    return any(getattr(hook, "__name__", None) not in INERT_HOOKS for hook in (hooks or {}).values())
+
+
+def hooked_modules(base: torch.nn.Module) -> list[str]:
+    """Where a hook would see packed tensors in a padding-free call of ``base``: the qualified names
+    of modules *inside* ``base`` (not ``base`` itself, whose hooks see the padded call) carrying a
+    forward / pre-forward / backward hook, and ``"global module hooks"`` when torch's process-wide
+    module hooks are set. transformers' inert ``output_capturing_hook`` does not count."""
+    import torch.nn.modules.module as torch_module
+
+    found = ["global module hooks"] if any(_foreign(getattr(torch_module, n, None)) for n in _GLOBAL_HOOKS) else []
+    for name, module in base.named_modules():
+        if module is not base and any(_foreign(getattr(module, attr, None)) for attr in _MODULE_HOOKS):
+            found.append(name)
+    return found
+
+
+def make_forward(base: torch.nn.Module, original: Callable[..., Any], padding_free: bool, pass_kwargs: bool) -> Any:
+    """The wrapper installed as ``base.forward`` (journaled instance attribute): a :class:`PatchedForward`."""
+    return PatchedForward(base, original, padding_free, pass_kwargs)
+
+
+_NO_CACHE = object()  # plan: padding-free without a cache
+
+
+def _padding_free_plan(config: Any, kw: dict[str, Any]) -> Any:
+    """How this call can run padding-free: ``None`` (it cannot: padded path), :data:`_NO_CACHE`, or
+    the KV cache to fill (an empty ``DynamicCache``: the caller's, or a new one built as the host
+    builds it when ``use_cache`` resolves to True and none was passed)."""
     mask = kw.get("attention_mask")
-    if mask is None or mask.dim() != 2 or any(kw.get(name) is not None for name in CACHE_NAMES):
-        return False
-    use_cache = kw.get("use_cache")
-    if (getattr(config, "use_cache", False) if use_cache is None else use_cache) or _wants(
-        config, kw, "output_hidden_states"
-    ):
-        return False
+    if mask is None or mask.dim() != 2 or _wants(config, kw, "output_hidden_states"):
+        return None
     if kw.get("cu_seq_lens_q") is not None or kw.get("return_dict") is False:
-        return False
+        return None
     tokens = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
     if tokens is None or tokens.shape[1] != mask.shape[1]:
-        return False
-    return not bool(mask.bool().all())
+        return None
+    passed = [kw[name] for name in CACHE_NAMES if kw.get(name) is not None]
+    if passed:
+        from transformers.cache_utils import DynamicCache
+
+        # only a prefill into an empty dynamic cache: decode steps and static caches run padded
+        if not isinstance(passed[0], DynamicCache) or passed[0].get_seq_length() != 0:
+            return None
+    if bool(mask.bool().all()):
+        return None
+    # a sliding window over a mask with holes counts original positions: packing would move tokens
+    # into each other's window, so that call takes the padded path (attention warns and falls back)
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window < mask.shape[1] and L.has_holes(mask):
+        return None
+    if passed:
+        return passed[0]
+    use_cache = kw.get("use_cache")
+    if getattr(config, "use_cache", False) if use_cache is None else use_cache:
+        from transformers.cache_utils import DynamicCache
+
+        return DynamicCache(config=config)  # what the host builds for use_cache without a cache
+    return _NO_CACHE
 
 
-def _packed_call(original: Callable[..., Any], kw: dict[str, Any]) -> Any:
+def _packed_call(original: Callable[..., Any], kw: dict[str, Any], state: dispatch.ActiveForward, cache: Any) -> Any:
+    """Run ``original`` on the valid tokens packed in one row; re-pad the last hidden state.
+
+    With a ``cache`` the host gets none (so it writes nothing packed); every attention call writes
+    its keys and values, re-padded to ``[B, H, L, D]`` (zeros on padding), through ``cache.update``
+    (see :class:`dispatch.Prefill`), and the output carries the cache as the host's would.
+    """
     mask = kw.pop("attention_mask").bool()
     batch, length = mask.shape
     index = mask.flatten().nonzero().squeeze(1)
@@ -96,7 +192,7 @@ def _packed_call(original: Callable[..., Any], kw: dict[str, Any]) -> Any:
     cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     max_len = int(lengths.max())
     position_ids = kw.get("position_ids")
-    if position_ids is None:  # what the host uses without a cache: 0..T-1 in every row
+    if position_ids is None:  # what the host uses from an empty cache: 0..T-1 in every row
         position_ids = torch.arange(length, device=mask.device).unsqueeze(0)
     kw["position_ids"] = position_ids.expand(batch, length).reshape(-1)[index].unsqueeze(0)
     if kw.get("input_ids") is not None:
@@ -104,6 +200,10 @@ def _packed_call(original: Callable[..., Any], kw: dict[str, Any]) -> Any:
     else:
         embeds = kw["inputs_embeds"]
         kw["inputs_embeds"] = embeds.reshape(batch * length, -1).index_select(0, index).unsqueeze(0)
+    for name in (*CACHE_NAMES, "cache_position"):
+        kw.pop(name, None)
+    if cache is not _NO_CACHE:
+        state.prefill = dispatch.Prefill(cache=cache, index=index, batch=batch, length=length)
     kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len, use_cache=False)
     out = original(**kw)
     packed = out[0]
@@ -112,4 +212,7 @@ def _packed_call(original: Callable[..., Any], kw: dict[str, Any]) -> Any:
     if isinstance(out, tuple):
         return (full, *out[1:])
     out["last_hidden_state"] = full
+    if cache is not _NO_CACHE:
+        fields = getattr(out, "__dataclass_fields__", {})
+        out[next((name for name in CACHE_NAMES if name in fields), CACHE_NAMES[0])] = cache
     return out
