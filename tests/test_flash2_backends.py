@@ -172,7 +172,7 @@ def test_plugin_registers_backends_through_entry_points():
     info = {p.name: p for p in patchkit.plugins()}["flash2"]
     assert info.status == "loaded"
     assert set(info.backends) == {"flash_attn", "torch", "reference"}
-    assert set(info.patchers) == {"flash2-llama", "flash2-falcon"}
+    assert set(info.patchers) == {"flash2-llama", "flash2-falcon", "flash2-generic"}
 
 
 def test_third_party_backend_is_picked_by_auto():

@@ -18,11 +18,12 @@ REQUIRES = {"transformers": ">=5.0"}
 
 @hookimpl
 def register_patchers(register: Callable[[Any], None]) -> None:
-    """Offer the Llama/Mistral and Falcon flash2 patchers."""
-    from . import falcon, llama
+    """Offer the Llama/Mistral, Falcon and generic (every other interface-dispatching decoder) flash2 patchers."""
+    from . import falcon, generic, llama
 
     register(llama.patcher())
     register(falcon.patcher())
+    register(generic.patcher())
 
 
 @hookimpl

@@ -58,10 +58,13 @@ def reference_varlen(
     window: tuple[int, int] = (-1, -1),
     alibi_slopes: torch.Tensor | None = None,
     dropout: float = 0.0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Pure-PyTorch varlen attention: one ``scaled_dot_product_attention`` call per sequence.
 
     Runs on any device and dtype (GQA by repeating KV heads); exact up to SDPA's own rounding.
+    ``softcap > 0`` caps the logits as Gemma 2 does (``softcap * tanh(scores / softcap)``, before
+    the mask), computed explicitly instead of through SDPA.
     """
     heads, kv_heads = q.shape[1], k.shape[1]
     groups = heads // kv_heads
@@ -74,7 +77,7 @@ def reference_varlen(
         if nq == 0:
             return q.new_zeros(q.shape)
         qb, kb, vb = (x.view(-1, n, x.shape[1], x.shape[2]).transpose(1, 2) for x, n in ((q, nq), (k, nk), (v, nk)))
-        out = _sdpa(qb, kb, vb, nq, nk, scale, causal, window, None, dropout, groups)
+        out = _sdpa(qb, kb, vb, nq, nk, scale, causal, window, None, dropout, groups, softcap)
         return out.transpose(1, 2).reshape(q.shape)
     outs = []
     for i in range(len(cq) - 1):
@@ -85,7 +88,7 @@ def reference_varlen(
             x[a:b].transpose(0, 1).unsqueeze(0)
             for x, a, b in ((q, cq[i], cq[i + 1]), (k, ck[i], ck[i + 1]), (v, ck[i], ck[i + 1]))
         )  # [1, H, n, D]
-        out = _sdpa(qi, ki, vi, nq, nk, scale, causal, window, alibi_slopes, dropout, groups)
+        out = _sdpa(qi, ki, vi, nq, nk, scale, causal, window, alibi_slopes, dropout, groups, softcap)
         outs.append(out[0].transpose(0, 1))
     if not outs:
         return q.new_zeros(q.shape)
@@ -104,6 +107,7 @@ def _sdpa(
     alibi_slopes: torch.Tensor | None,
     dropout: float,
     groups: int,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """One SDPA call on 4D ``[N, H, n, D]`` tensors (4D keeps CPU/CUDA fused kernels eligible)."""
     if groups > 1:
@@ -120,10 +124,44 @@ def _sdpa(
             bias = bias.masked_fill(~ok, torch.finfo(q.dtype).min)
     elif ok is not None:
         bias = ok
+    if softcap:
+        return _capped(
+            q,
+            k,
+            v,
+            scale,
+            softcap,
+            ok if plain_causal is False else _allowed(nq, nk, True, window, q.device),
+            bias if bias is not None and bias.dtype != torch.bool else None,
+            dropout,
+        )
     simple_causal = plain_causal and bias is None
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=None if simple_causal else bias, dropout_p=dropout, is_causal=simple_causal, scale=scale
     )
+
+
+def _capped(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    softcap: float,
+    ok: torch.Tensor | None,
+    additive: torch.Tensor | None,
+    dropout: float,
+) -> torch.Tensor:
+    """Attention with soft-capped logits, in transformers' eager order: scale, cap, mask, softmax in fp32."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if additive is not None:
+        scores = scores + additive
+    if ok is not None:
+        scores = scores.masked_fill(~ok, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout:
+        probs = F.dropout(probs, p=dropout)
+    return torch.matmul(probs, v)
 
 
 def _reference_unavailable(device: Any, dtype: Any, needs: frozenset[str]) -> str | None:
@@ -238,8 +276,9 @@ def flash_attn_varlen(
     window: tuple[int, int] = (-1, -1),
     alibi_slopes: torch.Tensor | None = None,
     dropout: float = 0.0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """The flash-attn package's ``flash_attn_varlen_func`` (GQA, windows, ALiBi, dropout)."""
+    """The flash-attn package's ``flash_attn_varlen_func`` (GQA, windows, ALiBi, dropout, softcap)."""
     from flash_attn import flash_attn_varlen_func
 
     if alibi_slopes is not None:
@@ -257,6 +296,7 @@ def flash_attn_varlen(
         causal=causal,
         window_size=window,
         alibi_slopes=alibi_slopes,
+        softcap=softcap,
     )
 
 
@@ -274,7 +314,7 @@ def all_backends() -> list[AttentionBackend]:
             varlen=flash_attn_varlen,
             unavailable=_flash_attn_unavailable,
             priority=20,
-            features=frozenset({"backward", "gqa", "window", "alibi", "dropout"}),
+            features=frozenset({"backward", "gqa", "window", "alibi", "dropout", "softcap"}),
             description="flash-attn's flash_attn_varlen_func (CUDA, fp16/bf16, sm80+)",
             packages={"flash-attn": ">=2.5"},
         ),
@@ -292,7 +332,7 @@ def all_backends() -> list[AttentionBackend]:
             unavailable=_reference_unavailable,
             priority=0,
             auto=False,
-            features=frozenset({"backward", "gqa", "window", "alibi", "dropout"}),
+            features=frozenset({"backward", "gqa", "window", "alibi", "dropout", "softcap"}),
             description="pure PyTorch, one SDPA call per sequence; any device and dtype (tests, CPU)",
         ),
     ]

@@ -328,6 +328,8 @@ def varlen_attention(
         window=window,
         alibi_slopes=state.alibi_slopes if use_alibi else None,
         dropout=dropout,
+        # only when set: a kernel without the "softcap" feature is never chosen for such a module
+        **({"softcap": float(kwargs["softcap"])} if kwargs.get("softcap") else {}),
     )
     return L.repad(out, layout.q_index, batch, q_len)
 

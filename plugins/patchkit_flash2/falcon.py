@@ -223,4 +223,5 @@ def patcher() -> Patcher:
         priority=20,
         description="FlashAttention-2 varlen kernels for Falcon (all fused-qkv layouts, rotary and ALiBi)",
         covers=("FalconAttention", "Falcon"),
+        options={"trust_transformers": "patch a transformers release whose Falcon source is not recorded"},
     )

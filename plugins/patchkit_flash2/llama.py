@@ -101,4 +101,5 @@ def patcher() -> Patcher:
         priority=20,
         description="FlashAttention-2 varlen kernels for Llama and Mistral, padding-free where exact",
         covers=("LlamaAttention", "MistralAttention", "Llama", "Mistral"),
+        options={"padding_free": "pack valid tokens across the model (default True)"},
     )

@@ -1,0 +1,220 @@
+"""The flash2 patcher for every other decoder that calls attention through transformers' interface.
+
+Most causal LMs in transformers (Qwen, Gemma, Phi, OLMo, Granite, GPT-NeoX, ...) compute their
+projections, norms and rotary embeddings themselves and hand q/k/v to
+``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``, passing the extras they need as
+keywords. What differs between architectures is therefore *declared* by those keywords, read
+once per class from the attention forward's source:
+
+- ``scaling``, ``dropout``, ``is_causal``, ``sliding_window``, ``position_ids``, the varlen
+  ``cu_seq_lens_*`` / ``max_length_*`` and ``output_attentions`` are what the varlen kernels
+  implement exactly; ``softcap`` (Gemma 2/3 logit soft-capping) needs a kernel declaring the
+  ``softcap`` feature (reference, flash_attn; not torch's varlen_attn);
+- anything else changes the math in a way the kernels do not implement: ``s_aux`` / ``sinks``
+  (attention sinks), ``position_bias`` (T5-style relative bias), ``indices`` / ``block_indices``
+  (sparse attention): refused with the reason.
+
+Only causal self-attention of decoder-only models is taken. Padding-free execution needs the base
+model, its decoder layers and the attention forward to pass ``**kwargs`` down (the varlen
+boundaries travel there); otherwise the model runs padded, each layer unpadding for the kernel.
+Llama / Mistral keep their own patcher (higher priority), Falcon its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+import sys
+from typing import Any
+
+from torch import nn
+
+from patchkit import Patcher, UnsupportedError
+
+from . import dispatch, padfree
+from .common import check_output_attentions, pick_backend
+
+EXACT_KEYWORDS = frozenset(
+    {
+        "scaling",
+        "dropout",
+        "is_causal",
+        "attention_mask",
+        "sliding_window",
+        "position_ids",
+        "cu_seq_lens_q",
+        "cu_seq_lens_k",
+        "max_length_q",
+        "max_length_k",
+        "output_attentions",
+        "deterministic",
+        "query",
+        "key",
+        "value",
+        "softcap",  # Gemma 2/3 logit soft-capping: kernels declaring the "softcap" feature
+    }
+)
+_WHY = {
+    "s_aux": "attention sinks (s_aux)",
+    "sinks": "attention sinks",
+    "position_bias": "a relative position bias added to the scores",
+    "indices": "sparse attention indices",
+    "block_indices": "block-sparse attention",
+}
+
+
+_KEYWORDS: dict[Any, frozenset[str] | None] = {}  # class -> what its source says (a pure function of it)
+
+
+def attention_keywords(cls: Any) -> frozenset[str] | None:
+    """Keywords ``cls.forward`` passes to the attention interface, or ``None`` when it does not
+    dispatch through ``ALL_ATTENTION_FUNCTIONS`` at all."""
+    if cls in _KEYWORDS:
+        return _KEYWORDS[cls]
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError, AttributeError):
+        source = ""
+    found: frozenset[str] | None = None
+    if "ALL_ATTENTION_FUNCTIONS" in source and "attention_interface(" in source:
+        keywords: set[str] = set()
+        for call in re.finditer(r"attention_interface\((.*?)\n\s*\)", source, re.S):
+            keywords.update(re.findall(r"\b([a-z_]+)\s*=", call.group(1)))
+        found = frozenset(keywords)
+    _KEYWORDS[cls] = found
+    return found
+
+
+def match(module: nn.Module, path: str, root: nn.Module) -> bool:
+    """Attention modules of transformers' modeling code that dispatch through the attention interface."""
+    if "transformers" not in sys.modules or not hasattr(module, "config"):
+        return False
+    cls = type(module)
+    if not cls.__module__.startswith("transformers.models."):
+        return False
+    return attention_keywords(cls) is not None
+
+
+def _base(root: nn.Module, module: nn.Module) -> nn.Module:
+    """The deepest ``PreTrainedModel`` under ``root`` holding ``module`` (e.g. ``Qwen2Model``)."""
+    from transformers import PreTrainedModel
+
+    found: nn.Module | None = None
+    for candidate in root.modules():
+        if isinstance(candidate, PreTrainedModel) and candidate is not module:
+            if any(m is module for m in candidate.modules()):
+                found = candidate  # modules() is pre-order: a later hit is deeper
+    if found is None:
+        raise UnsupportedError(
+            "flash2 patches attention through the model's config and base model: apply it to the whole "
+            "transformers model, not to a lone layer"
+        )
+    return found
+
+
+def _refusal(module: Any) -> str | None:
+    config = module.config
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder model: flash2 takes decoder-only causal LMs (use attention='sdpa' for encoders)"
+    if getattr(module, "is_causal", None) is not True:
+        return "not a causal self-attention module (cross-attention or bidirectional)"
+    keywords = attention_keywords(type(module)) or frozenset()
+    odd = sorted(keywords - EXACT_KEYWORDS)
+    if odd:
+        what = ", ".join(_WHY.get(k, k) for k in odd)
+        return f"{type(module).__name__} passes {what} to the attention kernel; the varlen kernels do not implement it"
+    return None
+
+
+def _needs(module: Any) -> set[str]:
+    needs: set[str] = set()
+    if "sliding_window" in (attention_keywords(type(module)) or ()) and getattr(module, "sliding_window", None):
+        needs.add("window")
+    if getattr(module.config, "sliding_window", None) and "sliding_window" in (attention_keywords(type(module)) or ()):
+        needs.add("window")
+    if "softcap" in (attention_keywords(type(module)) or ()) and getattr(module.config, "attn_logit_softcapping", None):
+        needs.add("softcap")
+    if module.training and getattr(module, "attention_dropout", 0.0):
+        needs.add("dropout")
+    return needs
+
+
+def check(module: Any, ctx: Any) -> str | None:
+    """Refuse (UnsupportedError, with the reason) what the varlen kernels cannot run exactly."""
+    reason = _refusal(module)
+    if reason is not None:
+        raise UnsupportedError(reason)
+    _base(ctx.root, module)
+    check_output_attentions(module.config)
+    if module.config._attn_implementation == dispatch.KEY and dispatch.STATE_ATTR in module.__dict__:
+        raise UnsupportedError("this attention module is already patched by flash2: reverse first")
+    pick_backend(module, ctx, _needs(module))
+    return None
+
+
+def build(module: Any, ctx: Any) -> None:
+    """Store the kernel on the module instance (journaled); the module object stays in place."""
+    backend = pick_backend(module, ctx, _needs(module))
+    ctx.set_attr(module, dispatch.STATE_ATTR, dispatch.Flash2State(backend=backend))
+    ctx.note(f"kernel: {backend.name}")
+    return None
+
+
+def passes_kwargs_down(base: nn.Module, attention: nn.Module) -> bool:
+    """True when the base model's forward hands ``**kwargs`` to its layers and the layers and the
+    attention accept them: the varlen boundaries of a packed call then reach every kernel call."""
+    try:
+        source = inspect.getsource(type(base).forward)
+    except (OSError, TypeError):
+        return False
+    if not re.search(r"layer\w*\(\s*[^)]*\*\*kwargs", source, re.S):
+        return False
+    layer = next((m for m in base.modules() if any(c is attention for c in m.children())), None)
+    for fn in (getattr(type(layer), "forward", None), type(attention).forward):
+        if fn is None:
+            return False
+        params = inspect.signature(fn).parameters.values()
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return False
+    return True
+
+
+def setup(root: nn.Module, ctx: Any) -> None:
+    """Switch each patched base model's config to ``"patchkit"`` and wrap its forward (journaled)."""
+    dispatch.register_keys()
+    wanted = bool(ctx.option("padding_free", True))
+    bases: dict[int, tuple[nn.Module, nn.Module]] = {}
+    for path in ctx.selected:
+        attention = root.get_submodule(path)
+        base = _base(root, attention)
+        bases.setdefault(id(base), (base, attention))
+    for base, attention in bases.values():
+        config = base.config
+        padding_free = wanted and passes_kwargs_down(base, attention)
+        ctx.on_reverse(functools.partial(dispatch.release_config, config, base), "config attention implementation back")
+        previous = dispatch.acquire_config(config, base)
+        wrapper = padfree.make_forward(base, base.forward, padding_free=padding_free, pass_kwargs=padding_free)
+        ctx.set_attr(base, "forward", wrapper)
+        ctx.note(
+            f"{type(base).__name__}: attention via {dispatch.KEY!r} (was {previous!r}), "
+            f"padding-free {'on' if padding_free else 'off'}"
+            + ("" if padding_free or not wanted else " (the base model does not pass **kwargs down to attention)")
+        )
+
+
+def patcher() -> Patcher:
+    """The registered patcher."""
+    return Patcher(
+        name="flash2-generic",
+        kind="attention",
+        family="flash2",
+        match=match,
+        check=check,
+        build=build,
+        setup=setup,
+        priority=10,
+        description="FlashAttention-2 varlen kernels for any decoder dispatching through the attention interface",
+        covers=("decoder-only causal LMs using ALL_ATTENTION_FUNCTIONS (see docs/support.md)",),
+        options={"padding_free": "pack valid tokens across the model (default True)"},
+    )
