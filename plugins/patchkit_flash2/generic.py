@@ -87,11 +87,14 @@ def attention_keywords(cls: Any) -> frozenset[str] | None:
 
 
 def match(module: nn.Module, path: str, root: nn.Module) -> bool:
-    """Attention modules of transformers' modeling code that dispatch through the attention interface."""
+    """Causal self-attention modules of decoder-only transformers models that dispatch through the
+    attention interface (encoders and cross-attention are not candidates: sdpa is the encoder path)."""
     if "transformers" not in sys.modules or not hasattr(module, "config"):
         return False
     cls = type(module)
     if not cls.__module__.startswith("transformers.models."):
+        return False
+    if getattr(module, "is_causal", None) is not True or getattr(module.config, "is_encoder_decoder", False):
         return False
     return attention_keywords(cls) is not None
 
@@ -114,11 +117,6 @@ def _base(root: nn.Module, module: nn.Module) -> nn.Module:
 
 
 def _refusal(module: Any) -> str | None:
-    config = module.config
-    if getattr(config, "is_encoder_decoder", False):
-        return "encoder-decoder model: flash2 takes decoder-only causal LMs (use attention='sdpa' for encoders)"
-    if getattr(module, "is_causal", None) is not True:
-        return "not a causal self-attention module (cross-attention or bidirectional)"
     keywords = attention_keywords(type(module)) or frozenset()
     odd = sorted(keywords - EXACT_KEYWORDS)
     if odd:
@@ -161,23 +159,36 @@ def build(module: Any, ctx: Any) -> None:
     return None
 
 
-def passes_kwargs_down(base: nn.Module, attention: nn.Module) -> bool:
-    """True when the base model's forward hands ``**kwargs`` to its layers and the layers and the
-    attention accept them: the varlen boundaries of a packed call then reach every kernel call."""
+def padding_free_problem(base: nn.Module, attention: nn.Module) -> str | None:
+    """Why a packed (padding-free) call would not be exact for ``base``, or ``None``.
+
+    It is exact when the base model's forward hands ``**kwargs`` to its layers and the layers and
+    the attention accept them (the varlen boundaries of the packed call then reach every kernel
+    call), and when positions come from ``position_ids``, not from the mask (OPT-style learned
+    positions count the mask's ones: packing would renumber them).
+    """
     try:
         source = inspect.getsource(type(base).forward)
     except (OSError, TypeError):
-        return False
+        return "the base model's source is not available"
     if not re.search(r"layer\w*\(\s*[^)]*\*\*kwargs", source, re.S):
-        return False
+        return "the base model does not pass **kwargs down to its layers"
     layer = next((m for m in base.modules() if any(c is attention for c in m.children())), None)
-    for fn in (getattr(type(layer), "forward", None), type(attention).forward):
-        if fn is None:
-            return False
-        params = inspect.signature(fn).parameters.values()
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-            return False
-    return True
+    if layer is None:
+        return "the attention module's layer was not found"
+    attr = next(name for name, child in layer.named_children() if child is attention)
+    try:
+        layer_source = inspect.getsource(type(layer).forward)
+    except (OSError, TypeError):
+        return "the decoder layer's source is not available"
+    if not re.search(rf"self\.{attr}\(\s*[^)]*\*\*kwargs", layer_source, re.S):
+        return f"its decoder layer does not pass **kwargs to {attr}"
+    attention_params = inspect.signature(type(attention).forward).parameters.values()
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in attention_params):
+        return "its attention does not accept **kwargs"
+    if "position_ids" not in inspect.signature(type(base).forward).parameters or "cumsum" in source:
+        return "positions are derived from the attention mask"
+    return None
 
 
 def setup(root: nn.Module, ctx: Any) -> None:
@@ -191,15 +202,15 @@ def setup(root: nn.Module, ctx: Any) -> None:
         bases.setdefault(id(base), (base, attention))
     for base, attention in bases.values():
         config = base.config
-        padding_free = wanted and passes_kwargs_down(base, attention)
+        why_not = padding_free_problem(base, attention)
+        padding_free = wanted and why_not is None
         ctx.on_reverse(functools.partial(dispatch.release_config, config, base), "config attention implementation back")
         previous = dispatch.acquire_config(config, base)
         wrapper = padfree.make_forward(base, base.forward, padding_free=padding_free, pass_kwargs=padding_free)
         ctx.set_attr(base, "forward", wrapper)
         ctx.note(
             f"{type(base).__name__}: attention via {dispatch.KEY!r} (was {previous!r}), "
-            f"padding-free {'on' if padding_free else 'off'}"
-            + ("" if padding_free or not wanted else " (the base model does not pass **kwargs down to attention)")
+            f"padding-free {'on' if padding_free else 'off'}" + ("" if padding_free or not wanted else f" ({why_not})")
         )
 
 
