@@ -8,6 +8,11 @@ an unpatched module (another model sharing the config, a layer left alone) behav
 Masks: inside a patched model's forward (marked by :data:`ACTIVE`, set by the per-instance forward
 wrapper) the mask function returns the 2D padding mask (or None), like transformers' FA2 masks;
 everywhere else it returns what the previous implementation's mask function returns.
+
+The config switch is a :class:`ConfigSwitch` held in the config's own attention field (no module
+global); the previous implementation is read off it. Semantics follow transformers' FA2 path
+(position ids: see :func:`layout.packed_starts`) except where that path differs from eager on
+valid tokens: a sliding window over a mask with holes runs padded (:func:`_padded_window`).
 """
 
 from __future__ import annotations
