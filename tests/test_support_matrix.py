@@ -16,7 +16,11 @@ SAMPLE = [
     ("llama", "decoder", "exact"),
     ("mistral", "decoder", "exact"),
     ("falcon", "decoder", "exact"),
-    ("gpt2", "decoder", "refused"),
+    ("gpt2", "decoder", "exact"),  # generic patcher, padded (positions are not position_ids-driven)
+    ("qwen2", "decoder", "exact"),
+    ("gemma2", "decoder", "exact"),  # soft-capped logits in the reference kernel
+    ("phimoe", "decoder", "refused"),  # declared: its eager path ignores the sliding window
+    ("lara_mini", "decoder", "refused"),  # hybrid: linear-attention layers
     ("bert", "encoder", "exact"),
     ("distilbert", "encoder", "exact"),
     ("xlm-roberta-xl", "encoder", "exact"),

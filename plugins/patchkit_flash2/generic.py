@@ -55,6 +55,16 @@ EXACT_KEYWORDS = frozenset(
         "softcap",  # Gemma 2/3 logit soft-capping: kernels declaring the "softcap" feature
     }
 )
+# Architectures whose attention dispatches through the interface but whose math the kernels do not
+# reproduce: declared, found by the support matrix (tools/support_matrix.py), refused with the reason.
+DECLINED = {
+    "DiffLlamaAttention": "differential attention (two attention maps subtracted) reshapes values for the kernel",
+    "JetMoeAttention": "mixture-of-attention-heads experts route each token's heads",
+    "PhimoeAttention": "its eager path ignores config.sliding_window, which the kernels would apply",
+}
+# Layer types that are attention: anything else in config.layer_types (linear attention, Mamba,
+# convolutions) keeps per-sequence state the packed call would mix.
+ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "attention", "chunked_attention"})
 _WHY = {
     "s_aux": "attention sinks (s_aux)",
     "sinks": "attention sinks",
@@ -116,7 +126,16 @@ def _base(root: nn.Module, module: nn.Module) -> nn.Module:
     return found
 
 
-def _refusal(module: Any) -> str | None:
+def _refusal(module: Any, root: nn.Module) -> str | None:
+    declined = DECLINED.get(type(module).__name__)
+    if declined is not None:
+        return f"{type(module).__name__}: {declined}"
+    other = sorted(set(getattr(module.config, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES)
+    if other:
+        return f"hybrid model: layers of type {', '.join(other)} are not attention and keep their own state"
+    root_config = getattr(root, "config", None)
+    if root_config is not None and any(hasattr(root_config, k) for k in ("vision_config", "audio_config")):
+        return "multimodal model: apply flash2 to its language model (e.g. model.language_model)"
     keywords = attention_keywords(type(module)) or frozenset()
     odd = sorted(keywords - EXACT_KEYWORDS)
     if odd:
@@ -140,7 +159,7 @@ def _needs(module: Any) -> set[str]:
 
 def check(module: Any, ctx: Any) -> str | None:
     """Refuse (UnsupportedError, with the reason) what the varlen kernels cannot run exactly."""
-    reason = _refusal(module)
+    reason = _refusal(module, ctx.root)
     if reason is not None:
         raise UnsupportedError(reason)
     _base(ctx.root, module)
