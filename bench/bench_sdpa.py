@@ -13,13 +13,15 @@ and ratios reported. Not a test: it asserts nothing, it measures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -323,6 +325,18 @@ def gpu_checks(small: bool) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def competing_processes(n: int) -> Iterator[None]:
+    """``n`` busy-looping processes for the duration (issue 11: speed on a machine that is not idle)."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny random models, a few seconds")
@@ -330,10 +344,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=None, help="timed runs per side (default: per case)")
     parser.add_argument("--which", choices=("all", "bert", "opt"), default="all")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for bench_sdpa.json")
+    parser.add_argument(
+        "--contend",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N competing busy processes during the timed runs (a machine that is not idle)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = run_all(args.small, runs=args.runs, which=args.which)
-    print(_table(results, f"sdpa fastpath vs HF sdpa, CPU, {args.threads} threads, torch {torch.__version__}"))
+    with competing_processes(args.contend):
+        results = run_all(args.small, runs=args.runs, which=args.which)
+    where = f", {args.contend} competing busy process(es)" if args.contend else ""
+    print(_table(results, f"sdpa fastpath vs HF sdpa, CPU, {args.threads} threads{where}, torch {torch.__version__}"))
     if args.out:
         out = pathlib.Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -7,10 +7,8 @@ score is ever computed against a padding key: the result equals the masked dense
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -33,27 +31,35 @@ class Packing:
     bounds: tuple[tuple[int, int], ...]
     cu_seqlens: torch.Tensor
     max_len: int
+    kernels: Mapping[str, Any] | None = None  # the registry's attention kernels (see varlen_sdpa)
 
     @property
     def uniform(self) -> bool:
         return self.index is None
 
 
-def make_packing(keep: torch.Tensor | None, batch: int, length: int, device: torch.device) -> Packing:
-    """The packing of a ``[batch, length]`` batch whose valid tokens are ``keep`` (``None``: all)."""
+def make_packing(
+    keep: torch.Tensor | None,
+    batch: int,
+    length: int,
+    device: torch.device,
+    kernels: Mapping[str, Any] | None = None,
+) -> Packing:
+    """The packing of a ``[batch, length]`` batch whose valid tokens are ``keep`` (``None``: all);
+    ``kernels``: the attention kernels ragged batches may use (see :func:`varlen_sdpa`)."""
     if keep is not None and bool(keep.all()):
         keep = None
     if keep is None:
         bounds = tuple((b * length, (b + 1) * length) for b in range(batch))
         cu = torch.arange(0, (batch + 1) * length, length, device=device, dtype=torch.int32)
-        return Packing(batch, length, None, bounds, cu, length)
+        return Packing(batch, length, None, bounds, cu, length, kernels)
     lens = keep.sum(dim=1)
     index = keep.reshape(-1).nonzero().squeeze(1)
     ends = lens.cumsum(0).tolist()  # one host sync per forward, shared by every layer
     starts = [0, *ends[:-1]]
     bounds = tuple((s, e) for s, e in zip(starts, ends, strict=True) if e > s)
     cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
-    return Packing(batch, length, index, bounds, cu, int(max(e - s for s, e in bounds)) if bounds else 0)
+    return Packing(batch, length, index, bounds, cu, int(max(e - s for s, e in bounds)) if bounds else 0, kernels)
 
 
 def pack(x: torch.Tensor, packing: Packing) -> torch.Tensor:
@@ -95,26 +101,51 @@ def run_layers(
     return x
 
 
-@lru_cache(maxsize=1)
-def _varlen_kernel() -> tuple[Any, str] | None:
-    """torch's built-in varlen flash kernel (torch >= 2.10, CUDA) and how it spells causality."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
+KERNELS_ATTR = "_patchkit_kernels"  # on the patched encoder/decoder: the registry's attention kernels
+# (kernels, device, dtype, needs) -> (the kernels, backend or None): a pure lookup; holding the
+# kernels keeps their ids from being reused by other objects
+_CHOSEN: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+_WARNED: set[str] = set()
+
+
+def kernels_of(module: Any) -> Mapping[str, Any] | None:
+    """The attention kernels recorded on a patched module at apply time (``ctx.registry``'s)."""
+    found = getattr(module, "__dict__", {}).get(KERNELS_ATTR)
+    return found if isinstance(found, Mapping) else None
+
+
+def _kernel(kernels: Mapping[str, Any] | None, q: torch.Tensor, causal: bool, dropout_p: float) -> Any:
+    """The registry's ``backend="auto"`` kernel for these tensors (flash_attn, torch's varlen_attn, a
+    third party's), or ``None``: then the per-sequence SDPA loop runs (exact, no padding key)."""
+    if not kernels:
         return None
-    params = inspect.signature(varlen_attn).parameters
-    style = "window_size" if "window_size" in params else "is_causal" if "is_causal" in params else ""
-    return (varlen_attn, style) if style else None
+    needs = frozenset({"dropout"} if dropout_p else ()) | frozenset({"backward"} if q.requires_grad else ())
+    key = (tuple(sorted((n, id(b)) for n, b in kernels.items())), str(q.device), q.dtype, needs)
+    if key not in _CHOSEN:
+        from patchkit import UnsupportedError
+        from patchkit.attention_backends import resolve_backend
+
+        try:
+            chosen = resolve_backend(dict(kernels), "auto", q.device, q.dtype, needs)
+        except UnsupportedError:
+            chosen = None
+        _CHOSEN[key] = (tuple(kernels.values()), chosen)
+    return _CHOSEN[key][1]
 
 
-def _use_varlen(q: torch.Tensor, dropout_p: float) -> bool:
-    return (
-        q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and dropout_p == 0.0
-        and _varlen_kernel() is not None
-        and torch.cuda.get_device_capability(q.device)[0] >= 8
-    )
+def _warn_once(backend: Any, exc: BaseException) -> None:
+    import warnings
+
+    from patchkit import PatchkitWarning
+
+    if backend.name not in _WARNED:
+        _WARNED.add(backend.name)
+        warnings.warn(
+            f"sdpa: attention kernel {backend.name!r} failed ({type(exc).__name__}: {exc}); "
+            "these calls run the per-sequence SDPA loop instead (exact, slower)",
+            PatchkitWarning,
+            stacklevel=4,
+        )
 
 
 def varlen_sdpa(
@@ -131,8 +162,10 @@ def varlen_sdpa(
 ) -> torch.Tensor:
     """Attention of packed ``[N, heads * head_dim]`` q/k/v within each sequence; returns ``[N, heads * head_dim]``.
 
-    Uniform batches run as one batched SDPA call; ragged ones use torch's varlen flash kernel on
-    CUDA (fp16/bf16, sm80+) and one SDPA call per sequence otherwise (exact: no padding key exists).
+    Uniform batches run as one batched SDPA call. Ragged ones run the registry's automatic varlen
+    kernel for the tensors' device and dtype (``packing.kernels``: flash_attn or torch's varlen_attn
+    on CUDA, or a third party's), and one SDPA call per sequence where none fits (exact: no padding
+    key exists). A kernel that raises is reported once (PatchkitWarning) and the loop takes over.
     """
     n = q.shape[0]
     if packing.uniform:
@@ -140,16 +173,26 @@ def varlen_sdpa(
         qb, kb, vb = (z.reshape(b, t, heads, head_dim).transpose(1, 2) for z in (q, k, v))
         o = F.scaled_dot_product_attention(qb, kb, vb, dropout_p=dropout_p, is_causal=causal, scale=scale)
         return o.transpose(1, 2).reshape(n, heads * head_dim)
-    if _use_varlen(q, dropout_p):
-        kernel, style = _varlen_kernel()  # type: ignore[misc]
-        extra = {"window_size": (-1, 0) if causal else (-1, -1)} if style == "window_size" else {"is_causal": causal}
+    backend = _kernel(packing.kernels, q, causal, dropout_p)
+    if backend is not None:
         qv, kv, vv = (z.reshape(n, heads, head_dim) for z in (q, k, v))
         cu = packing.cu_seqlens
         try:
-            packed = kernel(qv, kv, vv, cu, cu, packing.max_len, packing.max_len, scale=scale, **extra)
+            packed = backend.varlen(
+                qv,
+                kv,
+                vv,
+                cu_seqlens_q=cu,
+                cu_seqlens_k=cu,
+                max_seqlen_q=packing.max_len,
+                max_seqlen_k=packing.max_len,
+                scale=scale if scale is not None else head_dim**-0.5,
+                causal=causal,
+                dropout=dropout_p,
+            )
             return packed.reshape(n, heads * head_dim)
-        except (RuntimeError, TypeError, ValueError):  # e.g. a head size the kernel lacks: the loop is exact too
-            pass
+        except (RuntimeError, TypeError, ValueError) as exc:  # e.g. a head size the kernel lacks
+            _warn_once(backend, exc)
     out = q.new_empty(n, heads * head_dim)
     for s, e in packing.bounds:
         ln = e - s

@@ -26,7 +26,7 @@ from patchkit import PatchContext, UnsupportedError, share_as
 from ._fingerprint import require_known
 from ._inference import inference_ready, linear
 from ._masks import key_padding
-from ._packing import Packing, make_packing, pack, run_layers, unpack, varlen_sdpa
+from ._packing import KERNELS_ATTR, Packing, kernels_of, make_packing, pack, run_layers, unpack, varlen_sdpa
 from ._runtime import capture_requested, hooks_reason, unexpected_kwargs, warn_fallback
 from ._verify import hooked_modules, method_differs
 
@@ -365,7 +365,7 @@ def encode_packed(
     (``model.gradient_checkpointing_enable()``) is honoured per layer while training.
     """
     b, t, _ = hidden_states.shape
-    packing = make_packing(keep, b, t, hidden_states.device)
+    packing = make_packing(keep, b, t, hidden_states.device, kernels_of(encoder))
     x = pack(hidden_states, packing)
     x = run_layers(
         encoder.layer,
@@ -451,4 +451,6 @@ def build(module: nn.Module, ctx: PatchContext) -> nn.Module:
     variant, _ = _variant_of(module)
     assert variant is not None  # check() passed
     ctx.note(f"padding-free {variant.name} encoder: packed tokens, per-sequence SDPA; padded outputs are zeros")
-    return share_as(module, packed_class(type(module), variant))
+    replacement = share_as(module, packed_class(type(module), variant))
+    replacement.__dict__[KERNELS_ATTR] = ctx.registry.attention_backends()  # patchkit's own object
+    return replacement

@@ -33,7 +33,7 @@ from patchkit import PatchContext, UnsupportedError, share_as
 from ._fingerprint import require_known
 from ._inference import inference_ready, linear
 from ._masks import key_padding
-from ._packing import Packing, make_packing, pack, run_layers, unpack, varlen_sdpa
+from ._packing import KERNELS_ATTR, Packing, kernels_of, make_packing, pack, run_layers, unpack, varlen_sdpa
 from ._runtime import capture_requested, hooks_reason, unexpected_kwargs, warn_fallback
 from ._verify import hooked_modules, method_differs
 from .bert import _execution_devices, _no_own_tensors
@@ -170,7 +170,7 @@ def encode_packed(transformer: Any, hidden_states: torch.Tensor, keep: torch.Ten
     (``model.gradient_checkpointing_enable()``) is honoured per block while training.
     """
     b, t, _ = hidden_states.shape
-    packing = make_packing(keep, b, t, hidden_states.device)
+    packing = make_packing(keep, b, t, hidden_states.device, kernels_of(transformer))
     x = pack(hidden_states, packing)
     x = run_layers(
         transformer.layer, x, packing, packed=_block_packed, inference=_block_inference, inference_ok=_inference_ok
@@ -219,4 +219,6 @@ def packed_class(cls: type) -> type:
 def build(module: nn.Module, ctx: PatchContext) -> nn.Module:
     """A ``Sdpa<Transformer>`` sharing every submodule and parameter of ``module`` (no copies)."""
     ctx.note("padding-free DistilBERT transformer: packed tokens, per-sequence SDPA; padded outputs are zeros")
-    return share_as(module, packed_class(type(module)))
+    replacement = share_as(module, packed_class(type(module)))
+    replacement.__dict__[KERNELS_ATTR] = ctx.registry.attention_backends()  # patchkit's own object
+    return replacement

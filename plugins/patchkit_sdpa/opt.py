@@ -30,7 +30,7 @@ from patchkit import PatchContext, UnsupportedError
 from ._fingerprint import require_known
 from ._head import plain_linear_head, skip_zero_rows_forward
 from ._inference import inference_ready, linear
-from ._packing import Packing, make_packing, pack, run_layers, unpack, varlen_sdpa
+from ._packing import KERNELS_ATTR, Packing, kernels_of, make_packing, pack, run_layers, unpack, varlen_sdpa
 from ._runtime import capture_requested, hooks_reason, unexpected_kwargs, warn_fallback
 from ._verify import hooked_modules, method_differs, unwrap
 
@@ -317,7 +317,7 @@ def packed_forward(
     positions = self.embed_positions(mask.long(), 0, position_ids=position_ids)
     hidden = inputs_embeds + positions.to(inputs_embeds.device)
     keep = mask.bool() if attention_mask is not None else None
-    packing = make_packing(keep, b, t, hidden.device)
+    packing = make_packing(keep, b, t, hidden.device, kernels_of(self))
     x = pack(hidden, packing)
     prefill = _Prefill(cache, packing, keep) if cache is not None else None
     packed, inference = _layer_packed, _layer_inference
@@ -341,6 +341,7 @@ def packed_forward(
 
 def build(module: Any, ctx: PatchContext) -> None:
     """Journaled instance attributes only: ``module.forward`` and, when eager, the attention implementation."""
+    ctx.set_attr(module, KERNELS_ATTR, ctx.registry.attention_backends())
     ctx.set_attr(module, "forward", types.MethodType(packed_forward, module))
     ctx.note("padding-free forward and prefill (KV cache filled via cache.update); padded outputs are zeros")
     head = plain_linear_head(ctx.root)
