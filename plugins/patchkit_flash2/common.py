@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -53,3 +54,21 @@ def check_output_attentions(config: Any) -> None:
         raise UnsupportedError(
             "config.output_attentions is True but flash2 computes no attention weights: set it to False"
         )
+
+
+def route_through_patchkit(base: nn.Module, ctx: Any, padding_free: bool, why_not: str = "") -> None:
+    """Point ``base``'s config at ``"patchkit"`` and wrap its forward (padding-free or not), both
+    journaled, and note it in the report; ``why_not`` says why padding-free is off, if it is."""
+    from . import dispatch, padfree
+
+    config = base.config
+    # recorded before the change (a harmless no-op if acquire never happens); a partial over
+    # objects, not a closure, so that a deep copy of the model releases its own config
+    ctx.on_reverse(functools.partial(dispatch.release_config, config, base), "config attention implementation back")
+    previous = dispatch.acquire_config(config, base)
+    wrapper = padfree.make_forward(base, base.forward, padding_free=padding_free, pass_kwargs=padding_free)
+    ctx.set_attr(base, "forward", wrapper)
+    ctx.note(
+        f"{type(base).__name__}: attention via {dispatch.KEY!r} (was {previous!r}), "
+        f"padding-free {'on' if padding_free else 'off'}" + (f" ({why_not})" if why_not else "")
+    )

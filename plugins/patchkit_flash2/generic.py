@@ -22,7 +22,6 @@ Llama / Mistral keep their own patcher (higher priority), Falcon its own.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import re
 import sys
@@ -32,8 +31,8 @@ from torch import nn
 
 from patchkit import Patcher, UnsupportedError
 
-from . import dispatch, padfree
-from .common import check_output_attentions, pick_backend
+from . import dispatch
+from .common import check_output_attentions, pick_backend, route_through_patchkit
 
 EXACT_KEYWORDS = frozenset(
     {
@@ -220,17 +219,9 @@ def setup(root: nn.Module, ctx: Any) -> None:
         base = _base(root, attention)
         bases.setdefault(id(base), (base, attention))
     for base, attention in bases.values():
-        config = base.config
         why_not = padding_free_problem(base, attention)
         padding_free = wanted and why_not is None
-        ctx.on_reverse(functools.partial(dispatch.release_config, config, base), "config attention implementation back")
-        previous = dispatch.acquire_config(config, base)
-        wrapper = padfree.make_forward(base, base.forward, padding_free=padding_free, pass_kwargs=padding_free)
-        ctx.set_attr(base, "forward", wrapper)
-        ctx.note(
-            f"{type(base).__name__}: attention via {dispatch.KEY!r} (was {previous!r}), "
-            f"padding-free {'on' if padding_free else 'off'}" + ("" if padding_free or not wanted else f" ({why_not})")
-        )
+        route_through_patchkit(base, ctx, padding_free, why_not if wanted and why_not else "")
 
 
 def patcher() -> Patcher:

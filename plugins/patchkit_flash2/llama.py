@@ -14,8 +14,8 @@ from torch import nn
 
 from patchkit import Patcher, UnsupportedError
 
-from . import dispatch, padfree
-from .common import check_output_attentions, pick_backend, require_base
+from . import dispatch
+from .common import check_output_attentions, pick_backend, require_base, route_through_patchkit
 
 
 @functools.cache
@@ -75,17 +75,7 @@ def setup(root: nn.Module, ctx: Any) -> None:
     for base in bases:
         if not any(dispatch.STATE_ATTR in m.__dict__ for m in base.modules()):
             continue
-        config = base.config
-        # recorded before the change (a harmless no-op if acquire never happens); a partial over
-        # objects, not a closure, so that a deep copy of the model releases its own config
-        ctx.on_reverse(functools.partial(dispatch.release_config, config, base), "config attention implementation back")
-        previous = dispatch.acquire_config(config, base)
-        wrapper = padfree.make_forward(base, base.forward, padding_free=padding_free, pass_kwargs=True)
-        ctx.set_attr(base, "forward", wrapper)
-        ctx.note(
-            f"{type(base).__name__}: attention via {dispatch.KEY!r} (was {previous!r}), "
-            f"padding-free {'on' if padding_free else 'off'}"
-        )
+        route_through_patchkit(base, ctx, padding_free)
 
 
 def patcher() -> Patcher:

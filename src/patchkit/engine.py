@@ -285,6 +285,22 @@ def _run_stage(
             new_class = type(replacement).__name__
         swaps.append(Swap(list(node.paths), planned.module_class, new_class, patcher.name, patcher.plugin, ctx.notes))
         by_patcher.setdefault(patcher.qualname, (patcher, []))[1].extend(node.paths)
+    run_setups(root, by_patcher, stage, journal, backend, options, registry, notes, commits)
+    return swaps
+
+
+def run_setups(
+    root: nn.Module,
+    by_patcher: dict[str, tuple[Patcher, list[str]]],
+    stage: Stage,
+    journal: Journal,
+    backend: str,
+    options: Any,
+    registry: Registry,
+    notes: list[str],
+    commits: list[Any],
+) -> None:
+    """Run each patcher's ``setup`` once, with the paths it swapped in this stage (``ctx.selected``)."""
     for patcher, paths in by_patcher.values():
         if patcher.setup is not None:
             ctx = PatchContext(
@@ -300,7 +316,6 @@ def _run_stage(
             )
             patcher.setup(root, ctx)
             notes += [f"{patcher.name}: {note}" for note in ctx.notes]
-    return swaps
 
 
 def _shares_parameters(original: nn.Module, replacement: nn.Module) -> bool:

@@ -48,6 +48,7 @@ from .engine import (
     _journal_for,
     _run_stage,
     _stage_key,
+    run_setups,
 )
 from .errors import UnsupportedError
 from .patcher import PatchContext
@@ -590,22 +591,8 @@ def _run_setups(
     by_patcher: dict[str, tuple[Any, list[str]]] = {}
     for i, swap in built.items():
         patcher = stage.patches[i].patcher_obj
-        by_patcher.setdefault(patcher.name, (patcher, []))[1].extend(swap.paths)
-    for patcher, paths in by_patcher.values():
-        if patcher.setup is not None:
-            ctx = PatchContext(
-                model,
-                patcher,
-                options=options,
-                backend=backend,
-                journal=journal,
-                selected=tuple(paths),
-                registry=registry,
-                cache=stage.cache,
-                commits=commits,
-            )
-            patcher.setup(model, ctx)
-            notes += [f"{patcher.name}: {note}" for note in ctx.notes]
+        by_patcher.setdefault(patcher.qualname, (patcher, []))[1].extend(swap.paths)
+    run_setups(model, by_patcher, stage, journal, backend, options, registry, notes, commits)
 
 
 def _finish(model: nn.Module, checkpoint: Checkpoint) -> None:
