@@ -451,6 +451,6 @@ def build(module: nn.Module, ctx: PatchContext) -> nn.Module:
     variant, _ = _variant_of(module)
     assert variant is not None  # check() passed
     ctx.note(f"padding-free {variant.name} encoder: packed tokens, per-sequence SDPA; padded outputs are zeros")
-    replacement = share_as(module, packed_class(type(module), variant))
+    replacement: nn.Module = share_as(module, packed_class(type(module), variant))
     replacement.__dict__[KERNELS_ATTR] = ctx.registry.attention_backends()  # patchkit's own object
     return replacement

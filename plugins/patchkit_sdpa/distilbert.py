@@ -219,6 +219,6 @@ def packed_class(cls: type) -> type:
 def build(module: nn.Module, ctx: PatchContext) -> nn.Module:
     """A ``Sdpa<Transformer>`` sharing every submodule and parameter of ``module`` (no copies)."""
     ctx.note("padding-free DistilBERT transformer: packed tokens, per-sequence SDPA; padded outputs are zeros")
-    replacement = share_as(module, packed_class(type(module)))
+    replacement: nn.Module = share_as(module, packed_class(type(module)))
     replacement.__dict__[KERNELS_ATTR] = ctx.registry.attention_backends()  # patchkit's own object
     return replacement
