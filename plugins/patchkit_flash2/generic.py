@@ -145,11 +145,11 @@ def _refusal(module: Any, root: nn.Module) -> str | None:
 
 def _needs(module: Any) -> set[str]:
     needs: set[str] = set()
-    if "sliding_window" in (attention_keywords(type(module)) or ()) and getattr(module, "sliding_window", None):
+    keywords = attention_keywords(type(module)) or frozenset()
+    window = getattr(module, "sliding_window", None) or getattr(module.config, "sliding_window", None)
+    if "sliding_window" in keywords and window:
         needs.add("window")
-    if getattr(module.config, "sliding_window", None) and "sliding_window" in (attention_keywords(type(module)) or ()):
-        needs.add("window")
-    if "softcap" in (attention_keywords(type(module)) or ()) and getattr(module.config, "attn_logit_softcapping", None):
+    if "softcap" in keywords and getattr(module.config, "attn_logit_softcapping", None):
         needs.add("softcap")
     if module.training and getattr(module, "attention_dropout", 0.0):
         needs.add("dropout")

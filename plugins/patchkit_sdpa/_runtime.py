@@ -32,6 +32,16 @@ def unexpected_kwargs(kwargs: Mapping[str, Any], ignorable: Collection[str]) -> 
     return out
 
 
+def request_problem(kwargs: Mapping[str, Any], ignorable: Collection[str]) -> str | None:
+    """Why a call's own arguments need the original path: output capture, or an argument the packed
+    path would drop; ``None`` when they are fine."""
+    if capture_requested() or kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+        return "attentions / hidden states were requested"
+    if extra := unexpected_kwargs(kwargs, ignorable):
+        return f"unsupported arguments {extra}"
+    return None
+
+
 def warn_fallback(why: str, what: str, stacklevel: int = 3) -> None:
     """The one warning a call that takes the original path gives (``patchkit.PatchkitWarning``)."""
     from patchkit import PatchkitWarning

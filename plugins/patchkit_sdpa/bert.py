@@ -27,7 +27,7 @@ from ._fingerprint import require_known
 from ._inference import inference_ready, linear
 from ._masks import key_padding
 from ._packing import KERNELS_ATTR, Packing, kernels_of, make_packing, pack, run_layers, unpack, varlen_sdpa
-from ._runtime import capture_requested, hooks_reason, unexpected_kwargs, warn_fallback
+from ._runtime import hooks_reason, request_problem, warn_fallback
 from ._verify import hooked_modules, method_differs
 
 # kwargs the host passes to the encoder that the packed path may ignore when they are falsy/None.
@@ -406,10 +406,8 @@ class PackedEncoderMixin:
             why = "cross-attention inputs were passed"
         elif cache is not None or use_cache or kwargs.get("past_key_values") is not None:
             why = "a KV cache was requested"
-        elif capture_requested() or kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
-            why = "attentions / hidden states were requested"
-        elif extra := unexpected_kwargs(kwargs, _IGNORABLE):
-            why = f"unsupported arguments {extra}"
+        elif problem := request_problem(kwargs, _IGNORABLE):
+            why = problem
         elif hooked := hooked_modules(self):
             why = hooks_reason(hooked)
         keep = None

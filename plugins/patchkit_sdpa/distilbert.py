@@ -34,7 +34,7 @@ from ._fingerprint import require_known
 from ._inference import inference_ready, linear
 from ._masks import key_padding
 from ._packing import KERNELS_ATTR, Packing, kernels_of, make_packing, pack, run_layers, unpack, varlen_sdpa
-from ._runtime import capture_requested, hooks_reason, unexpected_kwargs, warn_fallback
+from ._runtime import hooks_reason, request_problem, warn_fallback
 from ._verify import hooked_modules, method_differs
 from .bert import _execution_devices, _no_own_tensors
 
@@ -188,12 +188,8 @@ class PackedDistilBertMixin:
     """
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Any = None, **kwargs: Any) -> Any:
-        why = None
-        if capture_requested() or kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
-            why = "attentions / hidden states were requested"
-        elif extra := unexpected_kwargs(kwargs, _IGNORABLE):
-            why = f"unsupported arguments {extra}"
-        elif hooked := hooked_modules(self):
+        why = request_problem(kwargs, _IGNORABLE)
+        if why is None and (hooked := hooked_modules(self)):
             why = hooks_reason(hooked)
         keep = None
         if why is None:

@@ -31,7 +31,7 @@ from ._fingerprint import require_known
 from ._head import plain_linear_head, skip_zero_rows_forward
 from ._inference import inference_ready, linear
 from ._packing import KERNELS_ATTR, Packing, kernels_of, make_packing, pack, run_layers, unpack, varlen_sdpa
-from ._runtime import capture_requested, hooks_reason, unexpected_kwargs, warn_fallback
+from ._runtime import hooks_reason, request_problem, warn_fallback
 from ._verify import hooked_modules, method_differs, unwrap
 
 _IGNORABLE = frozenset({"output_attentions", "output_hidden_states", "return_dict", "use_cache"})
@@ -244,10 +244,8 @@ def _why_not_packed(
         return "gradient checkpointing in training with a KV cache (pass use_cache=False for the padding-free path)"
     if decoder.training and decoder.layerdrop > 0.0:
         return "LayerDrop while training"
-    if capture_requested() or kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
-        return "attentions / hidden states were requested"
-    if extra := unexpected_kwargs(kwargs, _IGNORABLE):
-        return f"unsupported arguments {extra}"
+    if problem := request_problem(kwargs, _IGNORABLE):
+        return problem
     if (input_ids is None) == (inputs_embeds is None):
         return ""  # let the original raise its own error
     if hooked := hooked_modules(decoder, _exempt(decoder)):

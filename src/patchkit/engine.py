@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .errors import ConflictError, NotPatchedError, PatchedModelError, PatchError, UnsupportedError
 from .journal import JOURNAL_ATTR, Journal, Layer, find_journal, find_journals
 from .patcher import PatchContext, Patcher
-from .planning import Plan, Skipped, Stage, _table, build_plan, plan_stage, requested_stages, select_patchers
+from .planning import Plan, Skipped, Stage, _table, build_plan, plan_family, requested_stages
 from .registry import Registry, default_registry
 from .tree import compile_patterns
 
@@ -188,18 +188,7 @@ def _apply(
             stage = (
                 upfront.stages[0]
                 if index == 0
-                else plan_stage(
-                    model,
-                    kind,
-                    family,
-                    select_patchers(registry, kind, family),
-                    only=only_p,
-                    skip=skip_p,
-                    strict=strict,
-                    backend=backend,
-                    options=options,
-                    registry=registry,
-                )
+                else plan_family(model, kind, family, only_p, skip_p, strict, backend, options, registry)
             )
             swaps += _run_stage(model, stage, journal, backend, options, registry, notes, ddp, commits)
             stage.cache.clear()  # the contexts stay in the journal; what plugins cached must not

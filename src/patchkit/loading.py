@@ -52,7 +52,7 @@ from .engine import (
 )
 from .errors import UnsupportedError
 from .patcher import PatchContext
-from .planning import Skipped, Stage, build_plan, check_requirements, plan_stage, requested_stages, select_patchers
+from .planning import Skipped, Stage, build_plan, check_requirements, plan_family, requested_stages
 from .registry import Registry, default_registry
 from .tree import Node, compile_patterns
 
@@ -332,7 +332,7 @@ def _load(
             stage = (
                 upfront.stages[index]
                 if index == 0
-                else _plan(model, kind, family, only_p, skip_p, strict, backend, options, registry)
+                else plan_family(model, kind, family, only_p, skip_p, strict, backend, options, registry)
             )
             swaps += _run_stage(model, stage, journal, backend, options, registry, notes, False, commits)
             layer.patchers.update({p.patcher_obj.qualname: p.patcher_obj for p in stage.patches})
@@ -343,7 +343,7 @@ def _load(
             deferred = (
                 upfront.stages[len(pre)]
                 if not pre
-                else _plan(model, kind, family, only_p, skip_p, strict, backend, options, registry)
+                else plan_family(model, kind, family, only_p, skip_p, strict, backend, options, registry)
             )
             layer.patchers.update({p.patcher_obj.qualname: p.patcher_obj for p in deferred.patches})
             skipped += deferred.skipped
@@ -437,7 +437,7 @@ def _load(
         _run_setups(model, deferred, quant_swaps, journal, backend, options, registry, notes, commits)
     for kind, family in post:
         assert journal is not None and layer is not None
-        stage = _plan(model, kind, family, only_p, skip_p, strict, backend, options, registry)
+        stage = plan_family(model, kind, family, only_p, skip_p, strict, backend, options, registry)
         swaps += _run_stage(model, stage, journal, backend, options, registry, notes, False, commits)
         layer.patchers.update({p.patcher_obj.qualname: p.patcher_obj for p in stage.patches})
         skipped += stage.skipped
@@ -474,31 +474,6 @@ def _dtype_rule(dtype_plan: dict[str, torch.dtype]) -> Callable[[str, torch.dtyp
         return dtype_plan[by_group[found.lastgroup]] if found is not None and found.lastgroup else dtype
 
     return rule
-
-
-def _plan(
-    model: nn.Module,
-    kind: str,
-    family: str,
-    only: Any,
-    skip: Any,
-    strict: bool,
-    backend: str,
-    options: dict[str, Any],
-    registry: Registry,
-) -> Stage:
-    return plan_stage(
-        model,
-        kind,
-        family,
-        select_patchers(registry, kind, family),
-        only=only,
-        skip=skip,
-        strict=strict,
-        backend=backend,
-        options=options,
-        registry=registry,
-    )
 
 
 def _build_deferred(

@@ -318,6 +318,33 @@ def requested_stages(
     return stages
 
 
+def plan_family(
+    root: nn.Module,
+    kind: str,
+    family: str,
+    only: Sequence[Pattern],
+    skip: Sequence[Pattern],
+    strict: bool,
+    backend: str,
+    options: Mapping[str, Any],
+    registry: Registry,
+) -> Stage:
+    """:func:`plan_stage` with the patchers ``family`` selects (a later stage of an apply or a load
+    is planned on the tree as the previous stage left it)."""
+    return plan_stage(
+        root,
+        kind,
+        family,
+        select_patchers(registry, kind, family),
+        only=only,
+        skip=skip,
+        strict=strict,
+        backend=backend,
+        options=options,
+        registry=registry,
+    )
+
+
 def build_plan(
     root: nn.Module,
     stages: Sequence[tuple[str, str]],
