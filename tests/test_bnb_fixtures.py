@@ -7,48 +7,9 @@ import torch
 from torch import nn
 
 pytest.importorskip("bitsandbytes")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
-
-def tiny_llama(**overrides: object) -> nn.Module:
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        **overrides,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def tiny_bert(**overrides: object) -> nn.Module:
-    cfg = transformers.BertConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=128,
-        **overrides,
-    )
-    torch.manual_seed(0)
-    return transformers.BertModel(cfg).eval()
-
-
-def tiny_falcon() -> nn.Module:
-    cfg = transformers.FalconConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=128,
-        new_decoder_architecture=True,
-        num_kv_heads=2,
-    )
-    torch.manual_seed(0)
-    return transformers.FalconForCausalLM(cfg).eval()
-
+from exactness import tiny_bert, tiny_falcon, tiny_llama  # noqa: E402  (after the importorskips)
 
 MODELS = {"llama": tiny_llama, "bert": tiny_bert, "falcon": tiny_falcon}
 
