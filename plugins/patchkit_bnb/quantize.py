@@ -111,8 +111,6 @@ def make_build(family: str) -> Callable[[nn.Module, PatchContext], nn.Module]:
         # transformers' Conv1D (GPT-2 and kin) computes x @ W with W stored [in, out]: the layer is
         # a Linear of W.T, quantized as such; the original [in, out] tensor is what is kept/restored.
         transposed = not isinstance(module, nn.Linear)
-        bias = module.bias
-        assert bias is None or isinstance(bias, torch.Tensor)
         kept_weight = original.detach()
         weight = kept_weight.t() if transposed else kept_weight
         layer: Any
@@ -146,7 +144,6 @@ def make_build(family: str) -> Callable[[nn.Module, PatchContext], nn.Module]:
             param=layer.weight,
             freed=False,
             error=error,
-            bias_dtype=None if bias is None else bias.dtype,
             canonical=canonical,
             transposed=transposed,
         )

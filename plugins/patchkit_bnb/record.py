@@ -36,7 +36,6 @@ class QuantRecord:
     param: nn.Parameter
     freed: bool
     error: float
-    bias_dtype: torch.dtype | None = None
     canonical: Any = None
     kept: torch.Tensor | None = None
     kept_file: str | None = None
@@ -48,7 +47,7 @@ class QuantRecord:
         new = QuantRecord.__new__(QuantRecord)
         memo[id(self)] = new
         for key, value in self.__dict__.items():
-            new.__dict__[key] = value if key in ("source", "dtype", "bias_dtype") else copy.deepcopy(value, memo)
+            new.__dict__[key] = value if key in ("source", "dtype") else copy.deepcopy(value, memo)
         if self.kept_file is not None and os.path.exists(self.kept_file):
             stem = self.kept_file.rsplit(".", 2)[0]
             new.kept_file = f"{stem}.{uuid.uuid4().hex[:12]}.safetensors"
