@@ -122,8 +122,10 @@ def run_layers(
 # busy process: loop 1495 ms, masked 1386 ms).
 DENSE_MAX_LEN = 64
 KERNELS_ATTR = "_patchkit_kernels"  # on the patched encoder/decoder: the registry's attention kernels
-# (id of the kernels mapping recorded at apply, device, dtype, needs) -> (that mapping, backend or
-# None): a pure lookup, one dict probe per call; holding the mapping keeps its id from being reused
+# (kernels, device, dtype, needs) -> (the kernels, backend or None): a pure lookup; holding the
+# kernels keeps their ids from being reused by other objects. Keyed on the kernels' names and ids
+# and the device's string: a key on id() of the mapping and the device object missed under
+# torch.compile (tests/test_compile.py), and dynamo then traced resolve_backend's metadata reads.
 _CHOSEN: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 _WARNED: set[str] = set()
 
@@ -140,7 +142,7 @@ def _kernel(kernels: Mapping[str, Any] | None, q: torch.Tensor, causal: bool, dr
     if not kernels:
         return None
     needs = frozenset({"dropout"} if dropout_p else ()) | frozenset({"backward"} if q.requires_grad else ())
-    key = (id(kernels), q.device, q.dtype, needs)
+    key = (tuple(sorted((n, id(b)) for n, b in kernels.items())), str(q.device), q.dtype, needs)
     if key not in _CHOSEN:
         from patchkit import UnsupportedError
         from patchkit.attention_backends import resolve_backend
@@ -149,7 +151,7 @@ def _kernel(kernels: Mapping[str, Any] | None, q: torch.Tensor, causal: bool, dr
             chosen = resolve_backend(dict(kernels), "auto", q.device, q.dtype, needs)
         except UnsupportedError:
             chosen = None
-        _CHOSEN[key] = (kernels, chosen)
+        _CHOSEN[key] = (tuple(kernels.values()), chosen)
     return _CHOSEN[key][1]
 
 
