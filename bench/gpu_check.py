@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("bench_flash2", "bench_sdpa", "bench_bnb", "bench_compile", "bench_load")
+SECTIONS = ("bench_flash2", "bench_sdpa", "bench_bnb", "bench_compile", "bench_load", "profile_calls")
 
 
 def environment() -> dict[str, Any]:

@@ -79,6 +79,8 @@ def test_cached_forward_and_greedy_generation_match_eager(side: str) -> None:
         out = model(input_ids=ids, attention_mask=mask)  # use_cache defaults to True: the cached SDPA path
         exp = ref(input_ids=ids, attention_mask=mask)
     assert valid_diff(out.logits, exp.logits, mask) < 1e-5
+    # each row's last position (a padded one under right padding) is what generation reads: as unpatched
+    torch.testing.assert_close(out.logits[:, -1], exp.logits[:, -1], atol=1e-5, rtol=1e-5)
     gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
     gen_ref = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
     assert torch.equal(gen, gen_ref)

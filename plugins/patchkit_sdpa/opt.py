@@ -126,10 +126,14 @@ class _Prefill:
         self.cache = cache
         self.packing = packing
         self.tails: list[tuple[int, int, int]] = []  # (row, start, end of the row's packed tokens)
+        self.tail_keep: torch.Tensor | None = None  # [tails, 1, 1, T]: each tail's row's valid keys
         if keep is not None and packing.index is not None:
             cu = packing.cu_seqlens.tolist()
             last = keep[:, -1].tolist()
             self.tails = [(b, cu[b], cu[b + 1]) for b in range(packing.batch) if not last[b] and cu[b + 1] > cu[b]]
+            if self.tails:
+                self.tail_index = torch.tensor(self.tail_rows, device=keep.device)
+                self.tail_keep = keep.index_select(0, self.tail_index)[:, None, None, :]
 
     @property
     def tail_rows(self) -> list[int]:
@@ -146,13 +150,13 @@ class _Prefill:
         self.cache.update(padded_k, padded_v, attn.layer_idx)  # the host's own dispatch point
         if not self.tails:
             return out
-        rows = [out]
-        for i, (_, s, e) in enumerate(self.tails):
-            qt = q[n + i].view(1, heads, 1, dim)
-            kt, vt = (z[s:e].view(1, e - s, heads, dim).transpose(1, 2) for z in (k, v))
-            o = F.scaled_dot_product_attention(qt, kt, vt, dropout_p=dropout_p, scale=1.0)
-            rows.append(o.reshape(1, heads * dim))
-        return torch.cat(rows)
+        # All tails in one call: each tail query attends to its row's valid keys, read from the padded
+        # keys just written (one masked SDPA call instead of one call per row and layer).
+        nt = len(self.tails)
+        qt = q[n:].view(nt, 1, heads, dim).transpose(1, 2)
+        kt, vt = (z.index_select(0, self.tail_index) for z in (padded_k, padded_v))
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=self.tail_keep, dropout_p=dropout_p, scale=1.0)
+        return torch.cat([out, o.reshape(nt, heads * dim)])
 
 
 def _attend(
