@@ -1,5 +1,5 @@
 """The sdpa fastpath takes its varlen kernels from the registry (issue 11.4): a third party's
-kernel reaches it, and a kernel that fails is reported once and replaced by the exact loop."""
+kernel reaches it, and a kernel that fails is reported once and replaced by exact grouped masked SDPA calls."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def test_a_registered_kernel_reaches_the_sdpa_fastpath(make: Callable[[], torch.
     patchkit.reverse(model)
 
 
-def test_a_failing_kernel_is_reported_once_and_the_loop_stays_exact() -> None:
+def test_a_failing_kernel_is_reported_once_and_the_fallback_stays_exact() -> None:
     def broken(*args: Any, **kwargs: Any) -> torch.Tensor:
         raise RuntimeError("no kernel for this head size")
 
@@ -69,7 +69,7 @@ def test_a_failing_kernel_is_reported_once_and_the_loop_stays_exact() -> None:
     inputs = batch()
     ref = logits(model, inputs)
     patchkit.apply(model, attention="sdpa", registry=_registry_with_kernel(broken))
-    with pytest.warns(patchkit.PatchkitWarning, match="test-cpu-varlen.*per-sequence SDPA loop"):
+    with pytest.warns(patchkit.PatchkitWarning, match="test-cpu-varlen.*grouped masked SDPA calls"):
         out = logits(model, inputs)
     valid = inputs["attention_mask"].bool()
     assert torch.allclose(out[valid], ref[valid], atol=1e-5)

@@ -35,7 +35,7 @@ def test_all_valid_is_uniform() -> None:
     assert p.uniform and p.bounds == ((0, 4), (4, 8), (8, 12))
 
 
-@pytest.mark.parametrize("t", [7, 90], ids=["short-masked-grid", "long-per-sequence-loop"])
+@pytest.mark.parametrize("t", [7, 90], ids=["short-one-group", "long-two-groups"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_sdpa_matches_masked_dense(causal: bool, t: int) -> None:
     torch.manual_seed(0)
@@ -47,6 +47,28 @@ def test_varlen_sdpa_matches_masked_dense(causal: bool, t: int) -> None:
     out = unpack(varlen_sdpa(pack(q, p), pack(k, p), pack(v, p), p, h, d, scale=None, causal=causal), p)
     # dense reference, one sequence at a time on its valid tokens
     for i in range(b):
+        qi, ki, vi = (z[i][keep[i]].view(-1, h, d).transpose(0, 1) for z in (q, k, v))
+        ref = F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal).transpose(0, 1).reshape(-1, h * d)
+        torch.testing.assert_close(out[i][keep[i]], ref, rtol=1e-5, atol=1e-6)
+    assert len(p.groups()) == (1 if t == 7 else 2)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_many_lengths_share_at_most_four_groups(causal: bool) -> None:
+    """Ten spread lengths (one empty row) on the CPU: at most MAX_GROUPS masked calls, each exact."""
+    torch.manual_seed(1)
+    lens = [200, 0, 150, 121, 100, 80, 60, 40, 20, 5]
+    b, t, h, d = len(lens), 200, 2, 8
+    keep = torch.arange(t)[None, :] < torch.tensor(lens)[:, None]
+    q, k, v = (torch.randn(b, t, h * d) for _ in range(3))
+    p = make_packing(keep, b, t, q.device)
+    groups = p.groups()
+    assert 1 < len(groups) <= 4 and sum(g.count for g in groups) == 9
+    out = unpack(varlen_sdpa(pack(q, p), pack(k, p), pack(v, p), p, h, d, scale=None, causal=causal), p)
+    for i in range(b):
+        if lens[i] == 0:
+            assert torch.count_nonzero(out[i]) == 0
+            continue
         qi, ki, vi = (z[i][keep[i]].view(-1, h, d).transpose(0, 1) for z in (q, k, v))
         ref = F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal).transpose(0, 1).reshape(-1, h * d)
         torch.testing.assert_close(out[i][keep[i]], ref, rtol=1e-5, atol=1e-6)

@@ -37,20 +37,62 @@ class Packing:
     def uniform(self) -> bool:
         return self.index is None
 
-    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(rows, keep)``: each packed token's row in a ``[S * max_len]`` grid of the non-empty
-        sequences laid out left-aligned, and the ``[S, max_len]`` mask of real tokens. Cached."""
-        cached = self.__dict__.get("_grid")
+    def groups(self) -> tuple[Group, ...]:
+        """The non-empty sequences sorted by length and cut into a few groups of similar length
+        (see :func:`group_bounds`), each laid out left-aligned in its own ``[count, width]`` grid.
+        Cached: computed once per forward, shared by every layer."""
+        cached = self.__dict__.get("_groups")
         if cached is None:
-            device = self.cu_seqlens.device
-            lens = torch.tensor([e - s for s, e in self.bounds], device=device)
-            starts = torch.tensor([s for s, _ in self.bounds], device=device)
-            seq = torch.repeat_interleave(torch.arange(len(self.bounds), device=device), lens)
-            offset = torch.arange(int(lens.sum()), device=device) - torch.repeat_interleave(starts, lens)
-            keep = torch.arange(self.max_len, device=device)[None, :] < lens[:, None]
-            cached = (seq * self.max_len + offset, keep)
-            object.__setattr__(self, "_grid", cached)
+            short = self.max_len <= DENSE_MAX_LEN  # short sequences: one group (the padding costs little)
+            cached = tuple(_group(self, members) for members in group_bounds(self.bounds, 1 if short else MAX_GROUPS))
+            object.__setattr__(self, "_groups", cached)
         return cached
+
+
+@dataclass(frozen=True)
+class Group:
+    """Sequences attended in one masked SDPA call: packed rows ``tokens`` (``None``: all of them, in
+    order) go to rows ``slots`` of a ``[count * width]`` grid; ``keep`` ``[count, width]`` marks real tokens."""
+
+    tokens: torch.Tensor | None
+    slots: torch.Tensor
+    keep: torch.Tensor
+    count: int
+    width: int
+
+
+# At most this many groups per layer: each is one parallel region (a thread that another process
+# holds stalls every region), and each sequence pads to its group's longest (wasted attention).
+MAX_GROUPS = 4
+SHORTEST_SHARE = 0.7  # a sequence joins a group while its length >= this share of the group's longest
+
+
+def group_bounds(bounds: tuple[tuple[int, int], ...], most: int = MAX_GROUPS) -> list[list[tuple[int, int]]]:
+    """``bounds`` cut into at most ``most`` groups of similar length, longest first."""
+    ordered = sorted(bounds, key=lambda b: b[0] - b[1])  # longest first, stable
+    groups: list[list[tuple[int, int]]] = []
+    for b in ordered:
+        width = groups[-1][0][1] - groups[-1][0][0] if groups else 0
+        if groups and (len(groups) == most or b[1] - b[0] >= SHORTEST_SHARE * width):
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+    return groups
+
+
+def _group(packing: Packing, members: list[tuple[int, int]]) -> Group:
+    device = packing.cu_seqlens.device
+    if len(members) == len(packing.bounds):  # every sequence, in packed order: all rows, no gather
+        members = sorted(members)
+        tokens = None
+    else:
+        tokens = torch.cat([torch.arange(s, e) for s, e in members]).to(device)
+    lens = torch.tensor([e - s for s, e in members])
+    width = int(lens.max())
+    slot = torch.repeat_interleave(torch.arange(len(members)), lens)
+    offset = torch.arange(int(lens.sum())) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
+    keep = torch.arange(width)[None, :] < lens[:, None]
+    return Group(tokens, (slot * width + offset).to(device), keep.to(device), len(members), width)
 
 
 def make_packing(
@@ -116,10 +158,8 @@ def run_layers(
     return x
 
 
-# Short ragged sequences on the CPU: one masked call beats one call per sequence (call overhead and
-# thread wake-ups dominate); longer ones keep the loop, whose skipped padding outweighs that
-# (MiniLM 32 x 256 at 45% padding, idle 2-core VM: loop 458 ms, masked 492 ms; with one competing
-# busy process: loop 1495 ms, masked 1386 ms).
+# Short ragged sequences: one group for all (call overhead and thread wake-ups dominate, the padding
+# inside the grid costs little).
 DENSE_MAX_LEN = 64
 KERNELS_ATTR = "_patchkit_kernels"  # on the patched encoder/decoder: the registry's attention kernels
 # (kernels, device, dtype, needs) -> (the kernels, backend or None): a pure lookup; holding the
@@ -138,7 +178,7 @@ def kernels_of(module: Any) -> Mapping[str, Any] | None:
 
 def _kernel(kernels: Mapping[str, Any] | None, q: torch.Tensor, causal: bool, dropout_p: float) -> Any:
     """The registry's ``backend="auto"`` kernel for these tensors (flash_attn, torch's varlen_attn, a
-    third party's), or ``None``: then the per-sequence SDPA loop runs (exact, no padding key)."""
+    third party's), or ``None``: then grouped masked SDPA calls run (exact)."""
     if not kernels:
         return None
     needs = frozenset({"dropout"} if dropout_p else ()) | frozenset({"backward"} if q.requires_grad else ())
@@ -164,13 +204,13 @@ def _warn_once(backend: Any, exc: BaseException) -> None:
         _WARNED.add(backend.name)
         warnings.warn(
             f"sdpa: attention kernel {backend.name!r} failed ({type(exc).__name__}: {exc}); "
-            "these calls run the per-sequence SDPA loop instead (exact, slower)",
+            "these calls run grouped masked SDPA calls instead (exact, slower)",
             PatchkitWarning,
             stacklevel=4,
         )
 
 
-def _dense_masked(
+def _grouped_masked(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -181,30 +221,39 @@ def _dense_masked(
     causal: bool,
     dropout_p: float,
 ) -> torch.Tensor:
-    """Ragged batches on the CPU: one masked SDPA call over the sequences laid out left-aligned in a
-    ``[S, max_len]`` grid (key padding masked), instead of one call per sequence.
+    """Ragged batches without a varlen kernel: per group of similar-length sequences
+    (:meth:`Packing.groups`), one masked SDPA call over them laid out left-aligned (key padding masked).
 
-    Exact (a masked key contributes exp(-inf) = 0). One parallel region per layer instead of one per
-    sequence: the per-sequence loop lost far more than transformers' own padded SDPA when another
-    process shared the cores (every call waits for the slowest thread).
+    Exact (a masked key contributes exp(-inf) = 0). A few parallel regions per layer instead of one
+    per sequence: the per-sequence loop lost far more than transformers' own padded SDPA when another
+    process shared the cores (every region waits for its slowest thread), and on a GPU it was one
+    kernel launch per sequence and layer.
     """
-    rows, keep = packing.grid()
-    s_count, width = keep.shape
     c = heads * head_dim
+    groups = packing.groups()
+    out = None if len(groups) == 1 else q.new_empty(q.shape[0], c)
+    for g in groups:
 
-    def grid(z: torch.Tensor) -> torch.Tensor:
-        return (
-            z.new_zeros(s_count * width, c)
-            .index_copy_(0, rows, z)
-            .view(s_count, width, heads, head_dim)
-            .transpose(1, 2)
-        )
+        def grid(z: torch.Tensor, g: Group = g) -> torch.Tensor:
+            rows = z if g.tokens is None else z.index_select(0, g.tokens)
+            return (
+                z.new_zeros(g.count * g.width, c)
+                .index_copy_(0, g.slots, rows)
+                .view(g.count, g.width, heads, head_dim)
+                .transpose(1, 2)
+            )
 
-    mask = keep[:, None, None, :]
-    if causal:
-        mask = mask & torch.ones(width, width, dtype=torch.bool, device=q.device).tril()
-    o = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    return o.transpose(1, 2).reshape(s_count * width, c).index_select(0, rows)
+        mask = g.keep[:, None, None, :]
+        if causal:
+            mask = mask & torch.ones(g.width, g.width, dtype=torch.bool, device=q.device).tril()
+        o = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), attn_mask=mask, dropout_p=dropout_p, scale=scale)
+        o = o.transpose(1, 2).reshape(g.count * g.width, c).index_select(0, g.slots)
+        if out is None:
+            return o
+        assert g.tokens is not None  # several groups: each holds a subset
+        out.index_copy_(0, g.tokens, o)
+    assert out is not None
+    return out
 
 
 def varlen_sdpa(
@@ -223,8 +272,9 @@ def varlen_sdpa(
 
     Uniform batches run as one batched SDPA call. Ragged ones run the registry's automatic varlen
     kernel for the tensors' device and dtype (``packing.kernels``: flash_attn or torch's varlen_attn
-    on CUDA, or a third party's), and one SDPA call per sequence where none fits (exact: no padding
-    key exists). A kernel that raises is reported once (PatchkitWarning) and the loop takes over.
+    on CUDA, or a third party's), and a few masked SDPA calls over groups of similar-length sequences
+    where none fits (exact: a masked key weighs exactly 0). A kernel that raises is reported once
+    (PatchkitWarning) and the grouped calls take over.
     """
     n = q.shape[0]
     if packing.uniform:
@@ -252,12 +302,4 @@ def varlen_sdpa(
             return packed.reshape(n, heads * head_dim)
         except (RuntimeError, TypeError, ValueError) as exc:  # e.g. a head size the kernel lacks
             _warn_once(backend, exc)
-    if not q.is_cuda and len(packing.bounds) > 1 and packing.max_len <= DENSE_MAX_LEN:
-        return _dense_masked(q, k, v, packing, heads, head_dim, scale, causal, dropout_p)
-    out = q.new_empty(n, heads * head_dim)
-    for s, e in packing.bounds:
-        ln = e - s
-        qs, ks, vs = (z[s:e].view(1, ln, heads, head_dim).transpose(1, 2) for z in (q, k, v))
-        o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p, is_causal=causal, scale=scale)
-        out[s:e].view(ln, heads, head_dim).copy_(o[0].transpose(0, 1))
-    return out
+    return _grouped_masked(q, k, v, packing, heads, head_dim, scale, causal, dropout_p)
