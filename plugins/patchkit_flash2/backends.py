@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from patchkit.attention_backends import AttentionBackend
+from patchkit.varlen import grouped_sdpa, plan_groups
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -60,7 +61,9 @@ def reference_varlen(
     dropout: float = 0.0,
     softcap: float = 0.0,
 ) -> torch.Tensor:
-    """Pure-PyTorch varlen attention: one ``scaled_dot_product_attention`` call per sequence.
+    """Pure-PyTorch varlen attention: a few masked ``scaled_dot_product_attention`` calls over groups
+    of similar-length sequences (:mod:`patchkit.varlen`, shared with the sdpa plugin); one call per
+    sequence with ALiBi or a soft cap.
 
     Runs on any device and dtype (GQA by repeating KV heads); exact up to SDPA's own rounding.
     ``softcap > 0`` caps the logits as Gemma 2 does (``softcap * tanh(scores / softcap)``, before
@@ -79,6 +82,11 @@ def reference_varlen(
         qb, kb, vb = (x.view(-1, n, x.shape[1], x.shape[2]).transpose(1, 2) for x, n in ((q, nq), (k, nk), (v, nk)))
         out = _sdpa(qb, kb, vb, nq, nk, scale, causal, window, None, dropout, groups, softcap)
         return out.transpose(1, 2).reshape(q.shape)
+    pairs = [(cq[i + 1] - cq[i], ck[i + 1] - ck[i]) for i in range(len(cq) - 1)]
+    if alibi_slopes is None and not softcap and (causal or window[1] < 0) and all(a <= b for a, b in pairs):
+        # the common case: a few masked calls over groups of similar-length sequences (patchkit.varlen)
+        groups_ = plan_groups(cq, ck, causal=causal, window_left=window[0], device=q.device)
+        return grouped_sdpa(q, k, v, groups_, scale=scale, dropout=dropout)
     outs = []
     for i in range(len(cq) - 1):
         nq, nk = cq[i + 1] - cq[i], ck[i + 1] - ck[i]

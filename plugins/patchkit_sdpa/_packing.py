@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from patchkit.varlen import Group, grouped_sdpa, plan_groups
+
 
 @dataclass(frozen=True)
 class Packing:
@@ -37,62 +39,16 @@ class Packing:
     def uniform(self) -> bool:
         return self.index is None
 
-    def groups(self) -> tuple[Group, ...]:
-        """The non-empty sequences sorted by length and cut into a few groups of similar length
-        (see :func:`group_bounds`), each laid out left-aligned in its own ``[count, width]`` grid.
-        Cached: computed once per forward, shared by every layer."""
-        cached = self.__dict__.get("_groups")
+    def groups(self, causal: bool) -> tuple[Group, ...]:
+        """The masked-call groups of these sequences (:func:`patchkit.varlen.plan_groups`), planned
+        once per forward and shared by every layer."""
+        key = f"_groups_{causal}"
+        cached = self.__dict__.get(key)
         if cached is None:
-            short = self.max_len <= DENSE_MAX_LEN  # short sequences: one group (the padding costs little)
-            cached = tuple(_group(self, members) for members in group_bounds(self.bounds, 1 if short else MAX_GROUPS))
-            object.__setattr__(self, "_groups", cached)
+            cu = self.cu_seqlens.tolist()
+            cached = plan_groups(cu, cu, causal=causal, device=self.cu_seqlens.device)
+            object.__setattr__(self, key, cached)
         return cached
-
-
-@dataclass(frozen=True)
-class Group:
-    """Sequences attended in one masked SDPA call: packed rows ``tokens`` (``None``: all of them, in
-    order) go to rows ``slots`` of a ``[count * width]`` grid; ``keep`` ``[count, width]`` marks real tokens."""
-
-    tokens: torch.Tensor | None
-    slots: torch.Tensor
-    keep: torch.Tensor
-    count: int
-    width: int
-
-
-# At most this many groups per layer: each is one parallel region (a thread that another process
-# holds stalls every region), and each sequence pads to its group's longest (wasted attention).
-MAX_GROUPS = 4
-SHORTEST_SHARE = 0.7  # a sequence joins a group while its length >= this share of the group's longest
-
-
-def group_bounds(bounds: tuple[tuple[int, int], ...], most: int = MAX_GROUPS) -> list[list[tuple[int, int]]]:
-    """``bounds`` cut into at most ``most`` groups of similar length, longest first."""
-    ordered = sorted(bounds, key=lambda b: b[0] - b[1])  # longest first, stable
-    groups: list[list[tuple[int, int]]] = []
-    for b in ordered:
-        width = groups[-1][0][1] - groups[-1][0][0] if groups else 0
-        if groups and (len(groups) == most or b[1] - b[0] >= SHORTEST_SHARE * width):
-            groups[-1].append(b)
-        else:
-            groups.append([b])
-    return groups
-
-
-def _group(packing: Packing, members: list[tuple[int, int]]) -> Group:
-    device = packing.cu_seqlens.device
-    if len(members) == len(packing.bounds):  # every sequence, in packed order: all rows, no gather
-        members = sorted(members)
-        tokens = None
-    else:
-        tokens = torch.cat([torch.arange(s, e) for s, e in members]).to(device)
-    lens = torch.tensor([e - s for s, e in members])
-    width = int(lens.max())
-    slot = torch.repeat_interleave(torch.arange(len(members)), lens)
-    offset = torch.arange(int(lens.sum())) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
-    keep = torch.arange(width)[None, :] < lens[:, None]
-    return Group(tokens, (slot * width + offset).to(device), keep.to(device), len(members), width)
 
 
 def make_packing(
@@ -158,9 +114,6 @@ def run_layers(
     return x
 
 
-# Short ragged sequences: one group for all (call overhead and thread wake-ups dominate, the padding
-# inside the grid costs little).
-DENSE_MAX_LEN = 64
 KERNELS_ATTR = "_patchkit_kernels"  # on the patched encoder/decoder: the registry's attention kernels
 # (kernels, device, dtype, needs) -> (the kernels, backend or None): a pure lookup; holding the
 # kernels keeps their ids from being reused by other objects. Keyed on the kernels' names and ids
@@ -210,52 +163,6 @@ def _warn_once(backend: Any, exc: BaseException) -> None:
         )
 
 
-def _grouped_masked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    packing: Packing,
-    heads: int,
-    head_dim: int,
-    scale: float | None,
-    causal: bool,
-    dropout_p: float,
-) -> torch.Tensor:
-    """Ragged batches without a varlen kernel: per group of similar-length sequences
-    (:meth:`Packing.groups`), one masked SDPA call over them laid out left-aligned (key padding masked).
-
-    Exact (a masked key contributes exp(-inf) = 0). A few parallel regions per layer instead of one
-    per sequence: the per-sequence loop lost far more than transformers' own padded SDPA when another
-    process shared the cores (every region waits for its slowest thread), and on a GPU it was one
-    kernel launch per sequence and layer.
-    """
-    c = heads * head_dim
-    groups = packing.groups()
-    out = None if len(groups) == 1 else q.new_empty(q.shape[0], c)
-    for g in groups:
-
-        def grid(z: torch.Tensor, g: Group = g) -> torch.Tensor:
-            rows = z if g.tokens is None else z.index_select(0, g.tokens)
-            return (
-                z.new_zeros(g.count * g.width, c)
-                .index_copy_(0, g.slots, rows)
-                .view(g.count, g.width, heads, head_dim)
-                .transpose(1, 2)
-            )
-
-        mask = g.keep[:, None, None, :]
-        if causal:
-            mask = mask & torch.ones(g.width, g.width, dtype=torch.bool, device=q.device).tril()
-        o = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), attn_mask=mask, dropout_p=dropout_p, scale=scale)
-        o = o.transpose(1, 2).reshape(g.count * g.width, c).index_select(0, g.slots)
-        if out is None:
-            return o
-        assert g.tokens is not None  # several groups: each holds a subset
-        out.index_copy_(0, g.tokens, o)
-    assert out is not None
-    return out
-
-
 def varlen_sdpa(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -302,4 +209,6 @@ def varlen_sdpa(
             return packed.reshape(n, heads * head_dim)
         except (RuntimeError, TypeError, ValueError) as exc:  # e.g. a head size the kernel lacks
             _warn_once(backend, exc)
-    return _grouped_masked(q, k, v, packing, heads, head_dim, scale, causal, dropout_p)
+    groups = packing.groups(causal)
+    qv, kv, vv = (z.view(n, heads, head_dim) for z in (q, k, v))
+    return grouped_sdpa(qv, kv, vv, groups, scale=scale, dropout=dropout_p).reshape(n, heads * head_dim)
