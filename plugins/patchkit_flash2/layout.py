@@ -25,6 +25,7 @@ class Layout:
     q_index: torch.Tensor | None = None
     k_index: torch.Tensor | None = None
     holes: bool = False  # some row's keys are not one contiguous run (not pure left/right padding)
+    full: bool = False  # plain [batch, len] rows: no padding, no packed sequences
 
 
 def _cu(lengths: torch.Tensor) -> torch.Tensor:
@@ -39,7 +40,10 @@ def from_mask(mask: torch.Tensor, q_len: int) -> Layout:
     k_len_each = mask.sum(-1, dtype=torch.int32)
     q_len_each = q_mask.sum(-1, dtype=torch.int32)
     holes = _holes_per_row(mask).any()
-    max_q, max_k, any_holes = torch.stack([q_len_each.max(), k_len_each.max(), holes]).tolist()  # one host sync
+    stats = torch.stack([q_len_each.max(), k_len_each.max(), holes, mask.all()]).tolist()  # one host sync
+    max_q, max_k, any_holes, full = stats
+    if full:
+        return dense(mask.shape[0], q_len, mask.shape[-1], mask.device)
     return Layout(
         cu_q=_cu(q_len_each),
         cu_k=_cu(k_len_each),
@@ -116,7 +120,7 @@ def from_position_ids(position_ids: torch.Tensor, batch: int) -> Layout | None:
 def dense(batch: int, q_len: int, k_len: int, device: torch.device) -> Layout:
     """Layout of ``batch`` full rows (no padding, no packing)."""
     rows = torch.arange(batch + 1, device=device, dtype=torch.int32)
-    return Layout(cu_q=rows * q_len, cu_k=rows * k_len, max_q=q_len, max_k=k_len)
+    return Layout(cu_q=rows * q_len, cu_k=rows * k_len, max_q=q_len, max_k=k_len, full=True)
 
 
 def explicit(cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int | torch.Tensor, max_k: int | torch.Tensor) -> Layout:
