@@ -50,7 +50,7 @@ def test_varlen_sdpa_matches_masked_dense(causal: bool, t: int) -> None:
         qi, ki, vi = (z[i][keep[i]].view(-1, h, d).transpose(0, 1) for z in (q, k, v))
         ref = F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal).transpose(0, 1).reshape(-1, h * d)
         torch.testing.assert_close(out[i][keep[i]], ref, rtol=1e-5, atol=1e-6)
-    assert len(p.groups()) == (1 if t == 7 else 2)
+    assert len(p.groups(causal)) == (1 if t == 7 else 2)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -62,7 +62,7 @@ def test_many_lengths_share_at_most_four_groups(causal: bool) -> None:
     keep = torch.arange(t)[None, :] < torch.tensor(lens)[:, None]
     q, k, v = (torch.randn(b, t, h * d) for _ in range(3))
     p = make_packing(keep, b, t, q.device)
-    groups = p.groups()
+    groups = p.groups(causal)
     assert 1 < len(groups) <= 4 and sum(g.count for g in groups) == 9
     out = unpack(varlen_sdpa(pack(q, p), pack(k, p), pack(v, p), p, h, d, scale=None, causal=causal), p)
     for i in range(b):
