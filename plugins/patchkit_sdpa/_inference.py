@@ -85,14 +85,19 @@ def _transformers_gelu() -> type | None:
     return GELUActivation
 
 
+@functools.cache
+def _onednn_built() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 def _onednn(x: torch.Tensor, module: nn.Linear) -> bool:
+    # called for every GEMM: the build facts are cached, the runtime switch is read each time
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and module.weight.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
+        and _onednn_built()
         and torch._C._get_mkldnn_enabled()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
 
 
