@@ -117,6 +117,49 @@ def test_compiled_flash2_does_not_recompile_per_call():
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def test_compiled_dispatch_reads_the_config_switch_as_a_constant():
+    """Regression (torch 2.11): compiled transformers code looks ``config._attn_implementation`` up in
+    the interfaces' dicts (``create_causal_mask``: ``... not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping``),
+    and the value is flash2's ``ConfigSwitch`` (a ``str`` subclass). Dynamo before 2.13 failed there with
+    ``AsPythonConstantNotImplementedError: UserDefinedObjectVariable(ConfigSwitch) is not a constant``.
+    The same lookups in one graph, then the whole model; a reverse must invalidate both (guard on the field)."""
+    from patchkit_flash2 import dispatch
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model = tiny_llama()
+    ids, mask = padded()
+    padding = ~mask.bool()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+    patchkit.apply(model, attention="flash2", backend="reference")
+    config = model.config
+    assert isinstance(config._attn_implementation, dispatch.ConfigSwitch)
+    pytree = torch.utils._pytree
+    if hasattr(pytree, "register_constant"):  # what Dynamo before 2.13 needs (see dispatch._constant_for_dynamo)
+        assert pytree.is_constant_class(dispatch.ConfigSwitch)
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def route(x: torch.Tensor) -> torch.Tensor:
+        impl = config._attn_implementation
+        if impl not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+            return x - 1
+        return x + 1 if ALL_ATTENTION_FUNCTIONS.get_interface(impl, None) is dispatch.attention_forward else x
+
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        assert route(torch.zeros(1)).item() == 1
+        got = compiled(ids, attention_mask=mask).logits
+        assert valid_diff(got, want, mask) <= 1e-5
+        assert got[padding].abs().max().item() == 0  # the padding-free path ran: zeros on padding
+        patchkit.reverse(model)
+        assert type(config._attn_implementation) is str and config._attn_implementation == "eager"
+        assert route(torch.zeros(1)).item() == 0
+        got = compiled(ids, attention_mask=mask).logits
+    assert valid_diff(got, want, mask) <= 1e-5
+    assert got[padding].abs().max().item() > 0  # the unpatched model ran
+
+
 @pytest.mark.parametrize(
     "make, kwargs, floor",
     [(tiny_bert, dict(attention="sdpa"), 1), (tiny_llama, dict(attention="flash2", backend="reference"), 1)],

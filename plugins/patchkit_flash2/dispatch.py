@@ -145,6 +145,30 @@ class ConfigSwitch(str):
         return (ConfigSwitch, (self.previous, self.field))
 
 
+def _constant_for_dynamo(cls: type) -> None:
+    """Let torch.compile treat ``cls`` instances read off a config as constants (guarded by equality).
+
+    Compiled transformers code looks ``config._attn_implementation`` up in the interfaces' dicts.
+    Dynamo in torch 2.11 wraps a ``str`` subclass as an opaque object that it cannot compare with a
+    dict key (``AsPythonConstantNotImplementedError: UserDefinedObjectVariable(ConfigSwitch) is not
+    a constant``; torch 2.13 handles ``str`` subclasses itself). An instance of a pytree constant
+    class is a constant to Dynamo: the value itself, under an ``EQUALS_MATCH`` guard, so a reverse
+    (the field back to a plain ``str``) recompiles. Not moving the state out of the field instead:
+    ``to_dict`` serializes every ``__dict__`` entry but transformers' own few, and Dynamo (with
+    transformers 5.24) wraps the config's whole ``__dict__`` and refuses a non-plain-``str`` key
+    there. Registering only makes a switch a leafless pytree node (nothing flattens one). A torch
+    without ``register_constant``: no-op.
+    """
+    import torch.utils._pytree as pytree
+
+    register = getattr(pytree, "register_constant", None)
+    if register is not None and not pytree.is_constant_class(cls):
+        register(cls)
+
+
+_constant_for_dynamo(ConfigSwitch)
+
+
 def _switch(config: Any) -> ConfigSwitch | None:
     value = getattr(config, "_attn_implementation", None)
     return value if isinstance(value, ConfigSwitch) else None
