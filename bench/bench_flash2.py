@@ -5,11 +5,15 @@ CPU (this script's main): reference kernel + padding-free on an OPT-125m-sized L
 ``model(ids, attention_mask=mask)`` with no ``use_cache`` argument (Llama's default config
 ``use_cache=True``: both models fill a KV cache); then greedy ``generate`` (LlamaForCausalLM, same
 size, 16 new tokens, left-padded prompts ~45 % padding) end to end, tokens compared.
+``--models falcon`` runs the plain-call table on a Falcon decoder of the same size instead
+(``FalconModel``, falcon-7b layout: multi-query fused qkv, parallel attention, rotary; Falcon's
+default config ``use_cache=True``; padding-free since issue 11).
 Baseline and patched model hold the same weights; runs alternate (baseline, patched, baseline, ...)
 and medians are reported. Not a test: it asserts nothing beyond a correctness sanity check.
 
     python bench/bench_flash2.py            # full size (several minutes on 2 cores)
     python bench/bench_flash2.py --small    # seconds
+    python bench/bench_flash2.py --models falcon --no-generate   # the Falcon plain-call table
 
 ``gpu_checks(small)`` is what bench/gpu_check.py calls on a GPU machine (see the issue): torch
 kernel vs eager in bf16, the 8 x 4096 benchmark vs sdpa with peak memory and a bare packed call,
@@ -29,7 +33,16 @@ from functools import partial
 from typing import Any
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel, MistralConfig, MistralForCausalLM
+from transformers import (
+    FalconConfig,
+    FalconForCausalLM,
+    FalconModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaModel,
+    MistralConfig,
+    MistralForCausalLM,
+)
 
 import patchkit
 
@@ -54,16 +67,44 @@ def llama_config(
     )
 
 
+def falcon_config(
+    hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, impl: str, use_cache: bool = True
+) -> FalconConfig:
+    """falcon-7b's layout (old multi-query fused qkv, parallel attention + MLP, rotary, no biases) at
+    the given size; ``kv_heads`` is unused (multi-query: one KV head)."""
+    return FalconConfig(
+        vocab_size=32000,
+        hidden_size=hidden,
+        ffn_hidden_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        new_decoder_architecture=False,
+        multi_query=True,
+        parallel_attn=True,
+        alibi=False,
+        bias=False,
+        attn_implementation=impl,
+        use_cache=use_cache,
+        max_position_embeddings=8192,
+        pad_token_id=0,
+    )
+
+
 def twin_models(
-    cfg_kw: dict[str, Any], device: str, dtype: torch.dtype, use_cache: bool = False, cls: Any = LlamaModel
+    cfg_kw: dict[str, Any],
+    device: str,
+    dtype: torch.dtype,
+    use_cache: bool = False,
+    cls: Any = LlamaModel,
+    make_config: Callable[..., Any] = llama_config,
 ) -> tuple[Any, Any]:
     """Two models of ``cls`` with the same weights: (HF sdpa baseline, copy to patch).
 
-    ``use_cache=True`` is the Llama config default: a plain call then fills a KV cache."""
+    ``use_cache=True`` is the Llama (and Falcon) config default: a plain call then fills a KV cache."""
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the device: fast for the 1B GPU model
-        base = cls(llama_config(**cfg_kw, impl="sdpa", use_cache=use_cache)).to(dtype=dtype).eval()
-        other = cls(llama_config(**cfg_kw, impl="sdpa", use_cache=use_cache)).to(dtype=dtype).eval()
+        base = cls(make_config(**cfg_kw, impl="sdpa", use_cache=use_cache)).to(dtype=dtype).eval()
+        other = cls(make_config(**cfg_kw, impl="sdpa", use_cache=use_cache)).to(dtype=dtype).eval()
     other.load_state_dict(base.state_dict())
     for model in (base, other):
         if getattr(model, "generation_config", None) is not None:
@@ -110,14 +151,20 @@ def valid_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
     return float((a[m].float() - b[m].float()).abs().max())
 
 
-def cpu_bench(small: bool, reps: int, paddings: tuple[float, ...] = (0.0, 0.3, 0.5)) -> list[dict[str, Any]]:
+def cpu_bench(
+    small: bool, reps: int, paddings: tuple[float, ...] = (0.0, 0.3, 0.5), model: str = "llama"
+) -> list[dict[str, Any]]:
     """The CPU table: reference kernel + padding-free vs HF sdpa, **plain calls** ``model(ids,
-    attention_mask=mask)`` with no ``use_cache`` argument on a config that keeps Llama's default
-    ``use_cache=True`` (both models fill a KV cache), right padding spread evenly over rows."""
+    attention_mask=mask)`` with no ``use_cache`` argument on a config that keeps Llama's (or
+    Falcon's) default ``use_cache=True`` (both models fill a KV cache), right padding spread evenly
+    over rows. ``model``: ``"llama"`` (LlamaModel) or ``"falcon"`` (FalconModel, falcon-7b layout)."""
     size, batch, length = CPU_SIZE, 16, 512
     if small:
         size, batch, length = SMALL_SIZE, 4, 64
-    sdpa, patched = twin_models(size, "cpu", torch.float32, use_cache=True)
+    if model == "falcon":
+        sdpa, patched = twin_models(size, "cpu", torch.float32, True, FalconModel, falcon_config)
+    else:
+        sdpa, patched = twin_models(size, "cpu", torch.float32, use_cache=True)
     patchkit.apply(patched, attention="flash2", backend="reference")
     rows = []
     for padding in paddings:
@@ -236,9 +283,27 @@ def accuracy_checks(device: str, dtype: torch.dtype, backend: str) -> dict[str, 
         use_cache=False,
         pad_token_id=0,
     )
-    cases = {
+    falcon_kw = dict(
+        vocab_size=1000,
+        hidden_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        attn_implementation="eager",
+        use_cache=False,
+        pad_token_id=0,
+    )
+    cases: dict[str, tuple[Any, Any]] = {
         "llama-gqa": (LlamaForCausalLM, LlamaConfig(**kw)),
         "mistral-window16": (MistralForCausalLM, MistralConfig(sliding_window=16, **kw)),
+        # padding-free since issue 11 (plain calls, use_cache=False here, and generate's prefill)
+        "falcon-7b-layout": (
+            FalconForCausalLM,
+            FalconConfig(new_decoder_architecture=False, multi_query=True, parallel_attn=True, **falcon_kw),
+        ),
+        "falcon-new-arch-gqa": (
+            FalconForCausalLM,
+            FalconConfig(new_decoder_architecture=True, num_kv_heads=2, **falcon_kw),
+        ),
     }
     ids, mask = padded_batch(4, 64, 0.3, device, vocab=1000)
     ids[2:], mask[2:] = ids[2:].flip(1), mask[2:].flip(1)  # rows 2-3 left-padded
@@ -257,6 +322,8 @@ def accuracy_checks(device: str, dtype: torch.dtype, backend: str) -> dict[str, 
             got_packed = model(ids[:1], position_ids=packed_pos).logits
         patchkit.reverse(model)
         with torch.no_grad():
+            # (FalconModel of transformers 5.17 gives create_causal_mask no position_ids: its eager
+            # path does not split packed rows, so the Falcon figure means something on >= 5.24 only)
             want_packed = model(ids[:1], position_ids=packed_pos).logits
         gen_kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0, use_cache=True)
         left_ids, left_mask = ids[2:], mask[2:]
@@ -378,6 +445,7 @@ def gpu_checks(small: bool) -> dict[str, Any]:
     result["accuracy"] = accuracy_checks(device, dtype, backend)
     result["speed"] = speed_checks(device, dtype, backend, small, reps=3 if small else 10)
     result["plain_call"] = plain_call_checks(device, dtype, backend, small, reps=3 if small else 10)
+    result["plain_call_falcon"] = plain_call_checks(device, dtype, backend, small, 3 if small else 10, "falcon")
     gpu_size = dict(hidden=2048, layers=16, heads=32, kv_heads=8, ffn=5632)
     result["generate"] = generate_bench(
         small,
@@ -393,17 +461,28 @@ def gpu_checks(small: bool) -> dict[str, Any]:
     return result
 
 
-def plain_call_checks(device: str, dtype: torch.dtype, backend: str, small: bool, reps: int) -> dict[str, Any]:
+def plain_call_checks(
+    device: str, dtype: torch.dtype, backend: str, small: bool, reps: int, model: str = "llama"
+) -> dict[str, Any]:
     """Plain calls with no ``use_cache`` argument on Llama's default config (``use_cache=True``, so both
-    models fill a KV cache): 8 x 4096 at ~30 % and ~50 % padding vs HF sdpa, time and peak memory."""
+    models fill a KV cache): 8 x 4096 at ~30 % and ~50 % padding vs HF sdpa, time and peak memory.
+    ``model="falcon"``: the same on a FalconModel of the same width and depth (falcon-7b layout)."""
     size = dict(hidden=2048, layers=16, heads=32, kv_heads=8, ffn=5632)
     shapes = {"b8x4096_pad30": (8, 4096, 0.3), "b8x4096_pad50": (8, 4096, 0.5)}
     if small:
         size = dict(hidden=128, layers=2, heads=4, kv_heads=2, ffn=256)
         shapes = {"b4x128_pad30": (4, 128, 0.3), "b4x128_pad50": (4, 128, 0.5)}
-    sdpa, patched = twin_models(size, device, dtype, use_cache=True)
+    if model == "falcon":
+        sdpa, patched = twin_models(size, device, dtype, True, FalconModel, falcon_config)
+    else:
+        sdpa, patched = twin_models(size, device, dtype, use_cache=True)
     patchkit.apply(patched, attention="flash2", backend=backend)
-    results: dict[str, Any] = {"model": size, "backend": backend, "dtype": str(dtype), "use_cache": "config (True)"}
+    results: dict[str, Any] = {
+        "model": dict(size, arch=model),
+        "backend": backend,
+        "dtype": str(dtype),
+        "use_cache": "config (True)",
+    }
     for name, (batch, length, padding) in shapes.items():
         ids, mask = padded_batch(batch, length, padding, device)
         fns = {"sdpa": partial(sdpa, ids, attention_mask=mask), "patchkit": partial(patched, ids, attention_mask=mask)}
@@ -430,6 +509,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="tiny model and batch (seconds)")
     parser.add_argument("--reps", type=int, default=None, help="timed runs per variant (default 3, small 3)")
     parser.add_argument("--paddings", default="0,0.3,0.5", help="padding fractions of the plain-call table")
+    parser.add_argument("--models", default="llama", help="plain-call table for: llama, falcon, or llama,falcon")
     parser.add_argument("--no-generate", action="store_true", help="skip the generate benchmark")
     parser.add_argument("--only-generate", action="store_true", help="only the generate benchmark")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -444,12 +524,12 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
     reps = args.reps or 3
-    if not args.only_generate:
-        print("plain call model(ids, attention_mask=mask), config use_cache=True (Llama default)")
+    for name in [] if args.only_generate else args.models.split(","):
+        print(f"{name}: plain call model(ids, attention_mask=mask), config use_cache=True (the default)")
         print(
             "padding  sdpa_s   patchkit_s  speedup  max_abs_diff (last hidden state + cache, valid tokens)", flush=True
         )
-        cpu_bench(args.small, reps, tuple(float(x) for x in args.paddings.split(",")))
+        cpu_bench(args.small, reps, tuple(float(x) for x in args.paddings.split(",")), model=name)
     if not args.no_generate:
         r = generate_bench(args.small, reps)
         print(

@@ -18,6 +18,7 @@ valid tokens: a sliding window over a mask with holes runs padded (:func:`_padde
 from __future__ import annotations
 
 import contextvars
+import copy
 import math
 import sys
 import weakref
@@ -52,6 +53,9 @@ class ActiveForward:
     layouts: dict[Any, tuple[Any, L.Layout | None]] = field(default_factory=dict)
     owner: Any = None  # the model's padfree.PatchedForward (warn_once)
     prefill: Prefill | None = None  # a padding-free call filling an empty KV cache
+    # a padding-free call of a host that passes no per-call kwargs to its layers (Falcon): the
+    # ``cu_seq_lens_*`` / ``max_length_*`` kwargs its attention would have been given
+    boundaries: dict[str, Any] | None = None
 
 
 @dataclass
@@ -115,12 +119,14 @@ class ConfigSwitch(str):
     previous: str
     field: str
     holders: list[weakref.ref[Any]]
+    origin: Any  # set on the switch of a one-call view (:func:`call_view`): the config it copies
 
     def __new__(cls, previous: str, field: str) -> ConfigSwitch:
         self = super().__new__(cls, KEY)
         self.previous = previous
         self.field = field
         self.holders = []
+        self.origin = None
         return self
 
     def live_holders(self, config: Any) -> list[Any]:
@@ -212,6 +218,29 @@ def previous_implementation(config: Any) -> str:
     """The implementation ``config`` had before patchkit set it to ``"patchkit"`` (default ``"eager"``)."""
     switch = _switch(config)
     return switch.previous if switch is not None else "eager"
+
+
+def call_view(config: Any) -> tuple[Any, Any]:
+    """``(view, origin)``: a shallow copy of ``origin`` (``config``, or the config a view was made
+    of) whose attention field says ``"patchkit"``, for one padding-free call of a host that builds
+    its masks from ``self.config`` but is not routed through ``"patchkit"`` (Falcon).
+
+    Inside that call :func:`mask_function` then returns the 2D mask (None for the packed row)
+    instead of the ``[1, 1, tokens, tokens]`` mask the host would build for one packed row. Nothing
+    is changed on ``origin``; the view is used for that call only and dropped after it.
+    """
+    switch = _switch(config)
+    origin = switch.origin if switch is not None and switch.origin is not None else config
+    view = copy.copy(origin)
+    name = (
+        "_attn_implementation_internal" if "_attn_implementation_internal" in vars(origin) else "_attn_implementation"
+    )
+    origin_switch = _switch(origin)
+    previous = origin_switch.previous if origin_switch is not None else str(origin._attn_implementation)
+    new = ConfigSwitch(previous, name)
+    new.origin = origin
+    setattr(view, name, new)
+    return view, origin
 
 
 # -- registration -------------------------------------------------------------------------------

@@ -4,8 +4,17 @@
 dispatch point, so each ``FalconAttention`` is replaced by an instance of a subclass of its own
 class that shares every parameter (``patchkit.share_as``); the subclass's ``forward`` reuses the
 module's own ``_split_heads``, rotary function, cache update and ``dense`` projection, and runs the
-varlen kernel. The 2D padding mask comes from the ``FalconModel`` forward wrapper; the host still
-builds its 4D mask (unused). ALiBi (falcon-rw) needs a kernel with the ``alibi`` feature.
+varlen kernel. The 2D padding mask comes from the ``FalconModel`` forward wrapper; in padded calls
+the host still builds its 4D mask (unused). ALiBi (falcon-rw) needs a kernel with the ``alibi`` feature.
+
+Padding-free (plain calls, ``use_cache`` True or False, and ``generate``'s prefill into an empty
+cache): ``FalconModel`` passes no per-call kwargs to its layers, so the wrapper (``carrier="context"``)
+puts the packed boundaries in the per-call :class:`dispatch.ActiveForward`, where ``_forward`` reads
+them and writes the layer's keys/values to the cache in the host's padded layout; for that call the
+base's config is a one-call view whose mask function is patchkit's, so the host builds no
+``tokens x tokens`` mask for the packed row. Every Falcon variant qualifies (the decoder layer is
+per-token apart from attention; ALiBi positions count valid tokens, as packed positions do); a base
+with some Falcon attention left unpatched runs padded, with one warning.
 """
 
 from __future__ import annotations
@@ -93,6 +102,11 @@ def _forward(
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
     if cache is not None:
         key, value = cache.update(key, value, self.layer_idx)
+    mask, layout_kwargs = active.mask, {"position_ids": position_ids} if active.mask is None and cache is None else {}
+    if active.boundaries is not None:  # padding-free: one packed row, boundaries from the wrapper
+        mask, layout_kwargs = None, active.boundaries
+        if active.prefill is not None:  # fill the empty KV cache in the host's padded layout
+            active.prefill.write(self, key, value)
     dropout = self.attention_dropout.p if (self.training and alibi is not None) else 0.0  # as the host
     out = dispatch.varlen_attention(
         state,
@@ -100,13 +114,13 @@ def _forward(
         query,
         key,
         value,
-        active.mask,
+        mask,
         scaling=self.inv_norm_factor,
         dropout=dropout,
         causal=self.is_causal,
         sliding_window=None,
         use_alibi=alibi is not None,
-        kwargs={"position_ids": position_ids} if active.mask is None and cache is None else {},
+        kwargs=layout_kwargs,
     )
     out = self.dense(out.reshape(batch, q_len, self.num_heads * self.head_dim))
     return out, None
@@ -199,15 +213,44 @@ def build(module: Any, ctx: Any) -> nn.Module:
     return new
 
 
+def _unpatched(base: nn.Module) -> list[str]:
+    """Falcon attention modules of ``base`` left unpatched (``skip=`` / ``only=``)."""
+    attention = classes()[0]
+    return [n for n, m in base.named_modules() if isinstance(m, attention) and not isinstance(m, Flash2Mixin)]
+
+
 def setup(root: nn.Module, ctx: Any) -> None:
-    """Wrap each FalconModel holding replaced attention (journaled instance ``forward``)."""
+    """Wrap each FalconModel holding replaced attention (journaled instance ``forward``).
+
+    FalconModel passes no per-call kwargs to its layers, so padding-free calls carry the packed
+    boundaries in :class:`dispatch.ActiveForward` (``carrier="context"``) and point the host's mask
+    builder at ``"patchkit"`` for the packed call (registered here). A base whose Falcon attention is
+    not all patched runs padded: an unpatched layer would need the host's mask for the packed row.
+    """
+    dispatch.register_keys()
     base_class = classes()[1]
+    asked = bool(ctx.option("padding_free", True))
     for base in root.modules():
         if isinstance(base, base_class) and any(isinstance(m, Flash2Mixin) for m in base.modules()):
-            # FalconModel passes no per-call kwargs to its layers: no padding-free execution
-            wrapper = padfree.make_forward(base, base.forward, padding_free=False, pass_kwargs=False)
+            left = _unpatched(base)
+            off: tuple[str, str] | None = None
+            why = ""
+            if asked and left:
+                why = f"attention of {', '.join(left[:3])}{' ...' if len(left) > 3 else ''} is not patched"
+                off = (
+                    "unpatched-attention",
+                    f"{why} (skip=/only=): it needs the host's mask, so calls run padded (varlen attention "
+                    "only, no padding-free speed-up); patch every layer for padding-free",
+                )
+            on = asked and not left
+            wrapper = padfree.make_forward(
+                base, base.forward, padding_free=on, pass_kwargs=False, carrier="context", off_reason=off
+            )
             ctx.set_attr(base, "forward", wrapper)
-            ctx.note("FalconModel: attention replaced by flash2 subclasses (padding-free not available for Falcon)")
+            ctx.note(
+                f"{type(base).__name__}: attention replaced by flash2 subclasses, "
+                f"padding-free {'on' if on else 'off'}" + (f" ({why})" if why else "")
+            )
 
 
 def patcher() -> Patcher:
@@ -223,5 +266,8 @@ def patcher() -> Patcher:
         priority=20,
         description="FlashAttention-2 varlen kernels for Falcon (all fused-qkv layouts, rotary and ALiBi)",
         covers=("FalconAttention", "Falcon"),
-        options={"trust_transformers": "patch a transformers release whose Falcon source is not recorded"},
+        options={
+            "trust_transformers": "patch a transformers release whose Falcon source is not recorded",
+            "padding_free": "pack valid tokens across the model (default True)",
+        },
     )

@@ -10,16 +10,18 @@ Padding-free is used only when it is exact and the host can carry it: a 2D mask 
 call that starts from an empty KV cache (none passed, or an empty ``DynamicCache``: plain calls
 and ``generate``'s prefill; the cache is filled in the padded layout the host would have written),
 no ``output_hidden_states``, no caller-supplied ``cu_seq_lens_*``, and a model that forwards
-per-call kwargs to its attention. Decode steps (a non-empty cache) run padded, varlen attention only.
+per-call kwargs to its attention, or whose attention reads the boundaries from the per-call context
+(Falcon: ``carrier="context"``). Decode steps (a non-empty cache) run padded, varlen attention only.
 A hook on any module inside the base model (or a global module hook) would see packed tensors:
 such calls run padded, with one :class:`patchkit.PatchkitWarning` per model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -60,11 +62,21 @@ class PatchedForward:
     and kind, not per call or per layer).
     """
 
-    def __init__(self, base: torch.nn.Module, original: Callable[..., Any], padding_free: bool, pass_kwargs: bool):
+    def __init__(
+        self,
+        base: torch.nn.Module,
+        original: Callable[..., Any],
+        padding_free: bool,
+        pass_kwargs: bool,
+        carrier: str = "kwargs",
+        off_reason: tuple[str, str] | None = None,
+    ):
         self.base = base
         self.original = original
         self.padding_free = padding_free
         self.pass_kwargs = pass_kwargs
+        self.carrier = carrier
+        self.off_reason = off_reason
         self.warned: set[str] = set()
         self.__wrapped__ = original
         self.__signature__ = inspect.signature(original)
@@ -90,11 +102,16 @@ class PatchedForward:
         )
         token = dispatch.ACTIVE.set(state)
         try:
-            plan = _padding_free_plan(config, kw) if self.padding_free and self.pass_kwargs else None
-            if plan is not None:
+            able = self.padding_free and (self.pass_kwargs or self.carrier == "context")
+            plan = _padding_free_plan(config, kw) if able or self.off_reason else None
+            if plan is not None and not able and self.off_reason is not None:
+                self.warn_once(*self.off_reason)
+            elif plan is not None:
                 hooked = hooked_modules(self.base)
                 if not hooked:
-                    return _packed_call(self.original, kw, state, plan)
+                    return _packed_call(
+                        self.original, kw, state, plan, self.base if self.carrier == "context" else None
+                    )
                 self.warn_once(
                     "hooks",
                     f"hooks on {', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''} would see packed "
@@ -134,9 +151,16 @@ def hooked_modules(base: torch.nn.Module) -> list[str]:
     return found
 
 
-def make_forward(base: torch.nn.Module, original: Callable[..., Any], padding_free: bool, pass_kwargs: bool) -> Any:
+def make_forward(
+    base: torch.nn.Module,
+    original: Callable[..., Any],
+    padding_free: bool,
+    pass_kwargs: bool,
+    carrier: str = "kwargs",
+    off_reason: tuple[str, str] | None = None,
+) -> Any:
     """The wrapper installed as ``base.forward`` (journaled instance attribute): a :class:`PatchedForward`."""
-    return PatchedForward(base, original, padding_free, pass_kwargs)
+    return PatchedForward(base, original, padding_free, pass_kwargs, carrier, off_reason)
 
 
 _NO_CACHE = object()  # plan: padding-free without a cache
@@ -178,12 +202,25 @@ def _padding_free_plan(config: Any, kw: dict[str, Any]) -> Any:
     return _NO_CACHE
 
 
-def _packed_call(original: Callable[..., Any], kw: dict[str, Any], state: dispatch.ActiveForward, cache: Any) -> Any:
+def _packed_call(
+    original: Callable[..., Any],
+    kw: dict[str, Any],
+    state: dispatch.ActiveForward,
+    cache: Any,
+    context_base: torch.nn.Module | None = None,
+) -> Any:
     """Run ``original`` on the valid tokens packed in one row; re-pad the last hidden state.
 
     With a ``cache`` the host gets none (so it writes nothing packed); every attention call writes
     its keys and values, re-padded to ``[B, H, L, D]`` (zeros on padding), through ``cache.update``
     (see :class:`dispatch.Prefill`), and the output carries the cache as the host's would.
+
+    The boundaries (``cu_seq_lens_*``, ``max_length_*``) go to the host as kwargs, or, with a
+    ``context_base`` (a host that passes no kwargs to its layers and builds its masks itself:
+    ``FalconModel``), into ``state.boundaries``, where its attention reads them; for that call the
+    base's ``config`` attribute is a one-call view (:func:`dispatch.call_view`) whose mask function
+    is patchkit's, so the host builds no ``[1, 1, tokens, tokens]`` mask for the packed row (ALiBi
+    folded in: ``[1, H, tokens, tokens]``). The original config is put back when the call ends.
     """
     mask = kw.pop("attention_mask").bool()
     batch, length = mask.shape
@@ -204,8 +241,15 @@ def _packed_call(original: Callable[..., Any], kw: dict[str, Any], state: dispat
         kw.pop(name, None)
     if cache is not _NO_CACHE:
         state.prefill = dispatch.Prefill(cache=cache, index=index, batch=batch, length=length)
-    kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len, use_cache=False)
-    out = original(**kw)
+    boundaries = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
+    kw["use_cache"] = False
+    if context_base is None:
+        kw.update(boundaries)
+        out = original(**kw)
+    else:
+        state.boundaries = boundaries
+        with _call_view(context_base, state):
+            out = original(**kw)
     packed = out[0]
     full = packed.new_zeros(batch * length, packed.shape[-1]).index_copy(0, index, packed[0])
     full = full.view(batch, length, -1)
@@ -216,3 +260,23 @@ def _packed_call(original: Callable[..., Any], kw: dict[str, Any], state: dispat
         fields = getattr(out, "__dataclass_fields__", {})
         out[next((name for name in CACHE_NAMES if name in fields), CACHE_NAMES[0])] = cache
     return out
+
+
+@contextlib.contextmanager
+def _call_view(base: torch.nn.Module, state: dispatch.ActiveForward) -> Iterator[None]:
+    """``base.config`` is a one-call view (:func:`dispatch.call_view`) while the block runs; then the
+    config it copies is put back (also after an exception, and also when a concurrent call of the
+    same model swapped in its own view meanwhile: that call only loses the memory saving, never
+    exactness, since the host's masks are not read by patched Falcon attention)."""
+    current = base.__dict__.get("config")
+    if current is None:  # not a plain attribute: the host builds its own mask (slower, still exact)
+        yield
+        return
+    view, origin = dispatch.call_view(current)
+    base.__dict__["config"] = view
+    state.config = view
+    try:
+        yield
+    finally:
+        base.__dict__["config"] = origin
+        state.config = origin
