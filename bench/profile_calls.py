@@ -17,8 +17,9 @@ import json
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -99,26 +100,24 @@ def run(small: bool, device: str, dtype: torch.dtype) -> list[dict[str, Any]]:
     b, t = (4, 32) if small else (64, 256)
     batch = bs._batch(b, t, 0.48, cfg.vocab_size, device)
     results.append(_compare(f"sdpa BERT {b}x{t} 48%", lambda: base(**batch), lambda: fast(**batch), device, runs, top))
-    del base, fast
 
-    base, fast, _ = bs._opt_models(small, device, dtype)
-    patchkit.apply(fast, attention="sdpa")
+    ob, of, _ = bs._opt_models(small, device, dtype)
+    patchkit.apply(of, attention="sdpa")
     b, t = (4, 64) if small else (16, 512)
-    batch = bs._batch(b, t, 0.45, base.config.vocab_size, device)
+    batch = bs._batch(b, t, 0.45, ob.config.vocab_size, device)
     results.append(
-        _compare(f"sdpa OPT {b}x{t} 45% plain call", lambda: base(**batch), lambda: fast(**batch), device, runs, top)
+        _compare(f"sdpa OPT {b}x{t} 45% plain call", lambda: ob(**batch), lambda: of(**batch), device, runs, top)
     )
     results.append(
         _compare(
             f"sdpa OPT {b}x{t} 45% use_cache=False",
-            lambda: base(**batch, use_cache=False),
-            lambda: fast(**batch, use_cache=False),
+            lambda: ob(**batch, use_cache=False),
+            lambda: of(**batch, use_cache=False),
             device,
             runs,
             top,
         )
     )
-    del base, fast
 
     size = bf.SMALL_SIZE if small else dict(hidden=2048, layers=16, heads=32, kv_heads=8, ffn=5632)
     llama_dtype = torch.bfloat16 if device == "cuda" else dtype  # as bench_flash2 (random-init fp16 overflows)
