@@ -35,7 +35,7 @@ def test_all_valid_is_uniform() -> None:
     assert p.uniform and p.bounds == ((0, 4), (4, 8), (8, 12))
 
 
-@pytest.mark.parametrize("t", [7, 90], ids=["short-one-group", "long-two-groups"])
+@pytest.mark.parametrize("t", [7, 90], ids=["short-one-grid", "long-per-sequence"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_sdpa_matches_masked_dense(causal: bool, t: int) -> None:
     torch.manual_seed(0)
@@ -50,12 +50,20 @@ def test_varlen_sdpa_matches_masked_dense(causal: bool, t: int) -> None:
         qi, ki, vi = (z[i][keep[i]].view(-1, h, d).transpose(0, 1) for z in (q, k, v))
         ref = F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal).transpose(0, 1).reshape(-1, h * d)
         torch.testing.assert_close(out[i][keep[i]], ref, rtol=1e-5, atol=1e-6)
-    assert len(p.groups(causal)) == (1 if t == 7 else 2)
+    # on the CPU: short sequences share one masked grid, longer ones are attended one by one in place
+    groups = p.groups(causal)
+    assert len(groups) == 1 if t == 7 else (len(groups) == 3 and all(g.span for g in groups))
 
 
+@pytest.mark.parametrize("grids", [False, True], ids=["cpu-per-sequence", "gpu-style-grids"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_many_lengths_share_at_most_four_groups(causal: bool) -> None:
-    """Ten spread lengths (one empty row) on the CPU: at most MAX_GROUPS masked calls, each exact."""
+def test_many_lengths_are_exact_with_either_strategy(causal: bool, grids: bool, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Ten spread lengths (one empty row): per-sequence calls (the CPU's choice) or at most
+    MAX_GROUPS masked grids (a GPU's), each exact."""
+    from patchkit import varlen
+
+    if grids:
+        monkeypatch.setattr(varlen, "cpu_strategy", lambda device, longest: False)
     torch.manual_seed(1)
     lens = [200, 0, 150, 121, 100, 80, 60, 40, 20, 5]
     b, t, h, d = len(lens), 200, 2, 8
@@ -63,7 +71,10 @@ def test_many_lengths_share_at_most_four_groups(causal: bool) -> None:
     q, k, v = (torch.randn(b, t, h * d) for _ in range(3))
     p = make_packing(keep, b, t, q.device)
     groups = p.groups(causal)
-    assert 1 < len(groups) <= 4 and sum(g.count for g in groups) == 9
+    if grids:
+        assert 1 < len(groups) <= 4 and sum(g.count for g in groups) == 9
+    else:
+        assert len(groups) == 9 and all(g.span for g in groups)
     out = unpack(varlen_sdpa(pack(q, p), pack(k, p), pack(v, p), p, h, d, scale=None, causal=causal), p)
     for i in range(b):
         if lens[i] == 0:

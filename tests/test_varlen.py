@@ -47,15 +47,21 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("causal,window_left", [(True, -1), (False, -1), (True, 9)])
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_grouped_equals_per_sequence(case: str, causal: bool, window_left: int, kv_heads: int) -> None:
+@pytest.mark.parametrize("in_place", [False, True])
+def test_grouped_equals_per_sequence(
+    case: str, causal: bool, window_left: int, kv_heads: int, in_place: bool
+) -> None:
     lq, lk = CASES[case]
     lk = lk or lq
     cu_q, cu_k = cumulative(lq), cumulative(lk)
     torch.manual_seed(0)
     q = torch.randn(cu_q[-1], 4, 8)
     k, v = (torch.randn(cu_k[-1], kv_heads, 8) for _ in range(2))
-    groups = plan_groups(cu_q, cu_k, causal=causal, window_left=window_left)
-    assert 1 <= len(groups) <= MAX_GROUPS
+    groups = plan_groups(cu_q, cu_k, causal=causal, window_left=window_left, per_sequence=in_place)
+    if in_place and max(lk) > 64:
+        assert all(g.span for g in groups) and len(groups) == sum(1 for a, b in zip(lq, lk, strict=True) if a and b)
+    else:
+        assert 1 <= len(groups) <= MAX_GROUPS
     got = grouped_sdpa(q, k, v, groups, scale=None)
     want = per_sequence(q, k, v, cu_q, cu_k, causal, window_left)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
