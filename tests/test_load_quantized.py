@@ -561,3 +561,30 @@ def test_file_truncated_after_the_header_check(
     with pytest.raises(patchkit.UnsupportedError, match=rf"{shard.name} is truncated: tensor '[\w.]+' needs"):
         reader.read(entries[-1], entries[-1].torch_dtype, torch.device("cpu"), fingerprint=False, share=True)
     reader.close()
+
+
+@pytest.mark.parametrize("value", [65500.0, 65504.0, 65510.0, float("inf")])
+def test_int8_float16_range_check_while_loading_matches_apply(
+    checkpoints: dict[str, pathlib.Path], tmp_path: pathlib.Path, value: float
+) -> None:
+    """While loading, int8's check reads the float16 range off the row scales it computes anyway
+    (65500 and 65510 both round to 65504): it must refuse exactly what apply refuses."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(checkpoints["opt"], tmp_path)
+    key = "model.decoder.layers.0.fc1.weight"
+    shard = _shard_of(folder, key)
+    tensors = load_file(shard)
+    tensors[key][3, 5] = value
+    save_file(tensors, shard, metadata={"format": "pt"})
+    cls = _cls("opt")
+    ref = cls.from_pretrained(folder)
+    ref_report = patchkit.apply(ref, quantize="int8", strict=False)
+    model, report = patchkit.from_pretrained(cls, folder, quantize="int8", strict=False, return_report=True)
+    refused = [s.path for s in report.skipped if s.unsupported]
+    assert refused == (["model.decoder.layers.0.fc1"] if value > 65504 else [])
+    # the same skips (a load reports the ones found once tensors arrived after the plan-time ones)
+    assert sorted((s.path, s.reason, s.unsupported) for s in report.skipped) == sorted(
+        (s.path, s.reason, s.unsupported) for s in ref_report.skipped
+    )
+    _assert_same_tensors(model, ref)

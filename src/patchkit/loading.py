@@ -521,14 +521,17 @@ def _build_deferred(
     )
     try:
         check_requirements(patcher, node.module)
-        reason = patcher.check(node.module, PatchContext(model, patcher, **common)) if patcher.check else None
+        checking = PatchContext(model, patcher, sources=sources, **common)
+        reason = patcher.check(node.module, checking) if patcher.check else None
+        checking.release_sources()
     except UnsupportedError as exc:
         if strict:
             raise UnsupportedError(f"cannot patch {planned.paths[0]} ({planned.module_class}): {exc}") from exc
-        skipped.append(Skipped(planned.paths[0], planned.module_class, patcher.name, str(exc), True))
+        # worded as apply's plan words it ("<patcher>: <reason>")
+        skipped.append(Skipped(planned.paths[0], planned.module_class, patcher.name, f"{patcher.name}: {exc}", True))
         return None
     if reason is not None:
-        skipped.append(Skipped(planned.paths[0], planned.module_class, patcher.name, reason))
+        skipped.append(Skipped(planned.paths[0], planned.module_class, patcher.name, f"{patcher.name}: {reason}"))
         return None
     commits: list[Callable[[], None]] = []
     ctx = PatchContext(model, patcher, journal=journal, commits=commits, sources=sources, **common)
