@@ -157,11 +157,8 @@ def route(name: str, folder: str, device: str) -> dict[str, Any]:
 
 def _subprocess(args: list[str]) -> dict[str, Any]:
     # Prepend, never replace: a GPU machine may carry bitsandbytes on PYTHONPATH.
-    paths = [
-        str(ROOT / "src"),
-        str(ROOT / "plugins"),
-        *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)),
-    ]
+    inherited = filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))
+    paths = [str(ROOT / "src"), str(ROOT / "plugins"), *inherited]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     proc = subprocess.run([sys.executable, str(HERE / "bench_load.py"), *args], capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]

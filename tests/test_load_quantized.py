@@ -184,6 +184,47 @@ def test_tied_llama_quantized_keeps_the_tie_and_matches_apply(checkpoints: dict[
     assert torch.equal(_out(model), _out(ref))
 
 
+def _embedding_last(src: pathlib.Path, tmp: pathlib.Path) -> pathlib.Path:
+    """``src`` re-sharded so that the embedding (tied to lm_head) is the last tensor read."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(src, tmp)
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+        shard.unlink()
+    key = "model.embed_tokens.weight"
+    rest = {k: v for k, v in tensors.items() if k != key}
+    save_file(rest, folder / "a.safetensors", metadata={"format": "pt"})
+    save_file({key: tensors[key]}, folder / "b.safetensors", metadata={"format": "pt"})
+    weight_map = {**dict.fromkeys(rest, "a.safetensors"), key: "b.safetensors"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def test_tied_llama_without_skip_defaults_quantizes_lm_head_and_keeps_the_shared_weight(
+    checkpoints: dict[str, pathlib.Path], tmp_path: pathlib.Path
+) -> None:
+    """skip_defaults=False: the tied lm_head is quantized but its weight, shared with the embedding,
+    stays in place. The load replaces every meta tensor while one stage's builds share their facts
+    (gathered at the first build, before the embedding arrives here): the tie must still be seen."""
+    folder = _embedding_last(checkpoints["llama"], tmp_path)
+    ref = transformers.LlamaForCausalLM.from_pretrained(folder)
+    ref_report = patchkit.apply(ref, quantize="int8", skip_defaults=False)
+    model, report = patchkit.from_pretrained(
+        transformers.LlamaForCausalLM, folder, quantize="int8", skip_defaults=False, return_report=True
+    )
+    lm_head = [s.notes for s in report.swaps if s.paths == ["lm_head"]]
+    assert lm_head == [s.notes for s in ref_report.swaps if s.paths == ["lm_head"]]
+    assert lm_head == [["int8: weight shared with another module, kept in place (reverse is exact)"]]
+    assert [s.paths for s in report.swaps] == [s.paths for s in ref_report.swaps]
+    assert model.model.embed_tokens.weight.numel() == ref.model.embed_tokens.weight.numel() > 0
+    assert torch.equal(model.model.embed_tokens.weight, ref.model.embed_tokens.weight)
+    assert torch.equal(_out(model), _out(ref))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_dtype_and_keep_in_fp32_modules(tmp_path: pathlib.Path, dtype: torch.dtype) -> None:
     cfg = transformers.T5Config(
@@ -408,3 +449,142 @@ def test_single_file_checkpoint_and_silent_progress(tmp_path: pathlib.Path, capf
     assert "patchkit: loading" not in capfd.readouterr().err  # not a terminal: no bar
     patchkit.apply(ref, quantize="fp4")
     assert torch.equal(_out(model), _out(ref))
+
+
+# -- the files are read through a memory map: nothing loaded may stay backed by it ---------------------
+
+
+def _file_backed(folder: pathlib.Path) -> list[tuple[int, int]]:
+    """Address ranges of this process mapped from files in ``folder`` (Linux ``/proc/self/maps``)."""
+    found = []
+    for line in pathlib.Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith(str(folder)):
+            begin, end = (int(x, 16) for x in parts[0].split("-"))
+            found.append((begin, end))
+    return found
+
+
+def _assert_not_file_backed(tensors: list[torch.Tensor], folder: pathlib.Path) -> None:
+    mapped = _file_backed(folder)
+    for tensor in tensors:
+        begin = tensor.data_ptr()
+        end = begin + tensor.numel() * tensor.element_size()
+        assert not any(b < end and begin < e for b, e in mapped), (tuple(tensor.shape), tensor.dtype)
+
+
+linux_only = pytest.mark.skipif(not os.path.isfile("/proc/self/maps"), reason="reads /proc/self/maps")
+
+
+@linux_only
+@pytest.mark.parametrize("keep", [None, "cpu"])
+def test_loaded_tensors_do_not_depend_on_the_files(
+    checkpoints: dict[str, pathlib.Path], tmp_path: pathlib.Path, keep: str | None
+) -> None:
+    """A quantized layer's weight is handed to the quantizer as a view of the mapped file; the model
+    (and, with keep_original="cpu", the kept original the quantizer held on to) must end up with
+    memory of its own: the files can be rewritten or truncated afterwards."""
+    folder = _copy(checkpoints["opt"], tmp_path)
+    kwargs = {} if keep is None else {"keep_original": keep}
+    model = patchkit.from_pretrained(_cls("opt"), folder, quantize="nf4", **kwargs)
+    held = list(_tensors(model).values())
+    kept = [r.kept for m in model.modules() if (r := record_of(m)) is not None and r.kept is not None]
+    assert bool(kept) == (keep == "cpu")
+    _assert_not_file_backed(held + kept, folder)
+    for shard in folder.glob("*.safetensors"):
+        shard.write_bytes(b"")  # reading a page still mapped from a truncated file would raise SIGBUS
+    ref = _cls("opt").from_pretrained(checkpoints["opt"])
+    patchkit.apply(ref, quantize="nf4", **kwargs)
+    assert torch.equal(_out(model), _out(ref))
+    patchkit.reverse(model)
+    patchkit.reverse(ref)
+    _assert_same_tensors(model, ref)
+
+
+@linux_only
+def test_a_layer_skipped_while_loading_keeps_a_copy_of_its_own(
+    checkpoints: dict[str, pathlib.Path], tmp_path: pathlib.Path
+) -> None:
+    """int8 refuses a weight beyond the float16 range only once it is loaded (strict=False: skipped);
+    that weight was read as a view of the mapped file and must be copied out."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(checkpoints["opt"], tmp_path)
+    key = "model.decoder.layers.0.fc1.weight"
+    shard = _shard_of(folder, key)
+    tensors = load_file(shard)
+    tensors[key][0, 0] = 1e6
+    save_file(tensors, shard, metadata={"format": "pt"})
+    expected = tensors[key].clone()
+    model, report = patchkit.from_pretrained(_cls("opt"), folder, quantize="int8", strict=False, return_report=True)
+    assert [s.path for s in report.skipped if s.unsupported] == ["model.decoder.layers.0.fc1"]
+    _assert_not_file_backed(list(_tensors(model).values()), folder)
+    for name in folder.glob("*.safetensors"):
+        name.write_bytes(b"")
+    assert torch.equal(model.model.decoder.layers[0].fc1.weight, expected)
+
+
+def test_reading_without_a_memory_map_gives_the_same_model(
+    checkpoints: dict[str, pathlib.Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where files are not mapped (not Linux) every tensor is read into memory of its own: same model."""
+    import patchkit.checkpoint
+
+    cls = _cls("opt")
+    ref = cls.from_pretrained(checkpoints["opt"])
+    patchkit.apply(ref, quantize="int8")
+    monkeypatch.setattr(patchkit.checkpoint, "mapping_supported", lambda: False)
+    model = patchkit.from_pretrained(cls, checkpoints["opt"], quantize="int8", keep_original="checkpoint")
+    _assert_same_tensors(model, ref)
+    assert torch.equal(_out(model), _out(ref))
+    patchkit.reverse(model)  # the originals read back from the files (fingerprinted while loading)
+    _assert_same_tensors(model, cls.from_pretrained(checkpoints["opt"]))
+
+
+@pytest.mark.parametrize("mapped", [True, False])
+def test_file_truncated_after_the_header_check(
+    checkpoints: dict[str, pathlib.Path], tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, mapped: bool
+) -> None:
+    import patchkit.checkpoint
+    from patchkit.checkpoint import ShardReader, open_checkpoint
+
+    if not mapped:
+        monkeypatch.setattr(patchkit.checkpoint, "mapping_supported", lambda: False)
+    folder = _copy(checkpoints["opt"], tmp_path)
+    checkpoint = open_checkpoint(folder)
+    shard = _shard_of(folder, "model.decoder.layers.1.fc2.weight")
+    shard.write_bytes(shard.read_bytes()[:-100])
+    name, entries = next((f, e) for f, e in checkpoint.by_file() if f == str(shard))
+    reader = ShardReader(name, checkpoint.sizes[name])
+    first = reader.read(entries[0], entries[0].torch_dtype, torch.device("cpu"), fingerprint=True, share=False)
+    assert first[0].shape == entries[0].shape and first[1]
+    with pytest.raises(patchkit.UnsupportedError, match=rf"{shard.name} is truncated: tensor '[\w.]+' needs"):
+        reader.read(entries[-1], entries[-1].torch_dtype, torch.device("cpu"), fingerprint=False, share=True)
+    reader.close()
+
+
+@pytest.mark.parametrize("value", [65500.0, 65504.0, 65510.0, float("inf")])
+def test_int8_float16_range_check_while_loading_matches_apply(
+    checkpoints: dict[str, pathlib.Path], tmp_path: pathlib.Path, value: float
+) -> None:
+    """While loading, int8's check reads the float16 range off the row scales it computes anyway
+    (65500 and 65510 both round to 65504): it must refuse exactly what apply refuses."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(checkpoints["opt"], tmp_path)
+    key = "model.decoder.layers.0.fc1.weight"
+    shard = _shard_of(folder, key)
+    tensors = load_file(shard)
+    tensors[key][3, 5] = value
+    save_file(tensors, shard, metadata={"format": "pt"})
+    cls = _cls("opt")
+    ref = cls.from_pretrained(folder)
+    ref_report = patchkit.apply(ref, quantize="int8", strict=False)
+    model, report = patchkit.from_pretrained(cls, folder, quantize="int8", strict=False, return_report=True)
+    refused = [s.path for s in report.skipped if s.unsupported]
+    assert refused == (["model.decoder.layers.0.fc1"] if value > 65504 else [])
+    # the same skips (a load reports the ones found once tensors arrived after the plan-time ones)
+    assert sorted((s.path, s.reason, s.unsupported) for s in report.skipped) == sorted(
+        (s.path, s.reason, s.unsupported) for s in ref_report.skipped
+    )
+    _assert_same_tensors(model, ref)

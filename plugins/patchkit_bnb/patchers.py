@@ -11,7 +11,7 @@ from torch import nn
 from patchkit import PatchContext, Patcher, Requirements, UnsupportedError
 
 from .options import OPTION_DOCS, read_options
-from .quantize import make_build, refuse_load
+from .quantize import PRECOMPUTED, int8_quantize, linear_weight, make_build, refuse_load
 from .reverse import restore
 from .runtime import load_bnb, unsupported_tensor
 from .saving import save_quantized
@@ -52,15 +52,28 @@ def make_check(family: str) -> Callable[[nn.Module, PatchContext], str | None]:
         if problem is not None:
             raise UnsupportedError(problem)
         if family == "int8":
-            low, high = torch.aminmax(weight.detach())  # one pass, no |w| temporary
-            if max(-low.item(), high.item()) > _FP16_MAX:
-                # LLM.int8 quantizes through float16: larger weights would become inf.
-                raise UnsupportedError(
-                    "the weight exceeds the float16 range LLM.int8 quantizes through; use nf4 or fp4"
-                )
+            if ctx.checkpoint_source(weight) is not None and weight.numel():
+                # Streaming a load (patchkit.from_pretrained): build follows at once, so quantize
+                # here and read the range off the row scales (row maxima of the float16 values),
+                # saving a pass over the weight. Rounding to float16 is monotonic and 65504 is
+                # exact: all scales below it means every |w| is; at it (or NaN), the exact test decides.
+                quantized = int8_quantize(bnb, linear_weight(module, weight.detach()))
+                if not bool(quantized[1].max() < _FP16_MAX):
+                    refuse_beyond_fp16(weight)
+                ctx.cache[(PRECOMPUTED, id(weight))] = (weight, quantized)  # build takes it
+            else:
+                refuse_beyond_fp16(weight)
         return None
 
     return check
+
+
+def refuse_beyond_fp16(weight: torch.Tensor) -> None:
+    """Raise :class:`UnsupportedError` if a value of ``weight`` exceeds the float16 range (int8 only)."""
+    low, high = torch.aminmax(weight.detach())  # one pass, no |w| temporary
+    if max(-low.item(), high.item()) > _FP16_MAX:
+        # LLM.int8 quantizes through float16: larger weights would become inf.
+        raise UnsupportedError("the weight exceeds the float16 range LLM.int8 quantizes through; use nf4 or fp4")
 
 
 def make_setup(family: str) -> Callable[[nn.Module, PatchContext], None]:

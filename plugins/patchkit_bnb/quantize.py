@@ -35,7 +35,28 @@ _HOOK_DICTS = (
 )
 
 
-def _int8_layer(bnb: ModuleType, module: nn.Module, weight: torch.Tensor, opts: Options) -> Any:
+# ctx.cache key: (PRECOMPUTED, id(weight)) -> (weight, (CB, SCB)) quantized by check while streaming a load
+PRECOMPUTED = "patchkit_bnb.int8_precomputed"
+
+
+def linear_weight(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` as the [out, in] matrix of a Linear (transformers' Conv1D stores it transposed)."""
+    return weight if isinstance(module, nn.Linear) else weight.t()
+
+
+def int8_quantize(bnb: ModuleType, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLM.int8's row-wise quantization of an [out, in] weight: int8 rows (CB) and their scales (SCB)."""
+    cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.contiguous().to(torch.float16))
+    return cb, scb
+
+
+def _int8_layer(
+    bnb: ModuleType,
+    module: nn.Module,
+    weight: torch.Tensor,
+    opts: Options,
+    quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Any:
     from .int8_cpu import PatchkitLinear8bitLt
 
     layer = PatchkitLinear8bitLt(
@@ -46,7 +67,7 @@ def _int8_layer(bnb: ModuleType, module: nn.Module, weight: torch.Tensor, opts: 
         threshold=opts.threshold,
         device="meta",
     )
-    cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.contiguous().to(torch.float16))
+    cb, scb = quantized if quantized is not None else int8_quantize(bnb, weight)
     layer.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
     layer.cpu_dequantize = opts.int8_cpu_kernel == "dequant"
     return layer
@@ -112,14 +133,16 @@ def make_build(family: str) -> Callable[[nn.Module, PatchContext], nn.Module]:
         # a Linear of W.T, quantized as such; the original [in, out] tensor is what is kept/restored.
         transposed = not isinstance(module, nn.Linear)
         kept_weight = original.detach()
-        weight = kept_weight.t() if transposed else kept_weight
+        weight = linear_weight(module, kept_weight)
+        pre = ctx.cache.pop((PRECOMPUTED, id(original)), None)  # what check quantized (loading, int8)
+        quantized = pre[1] if pre is not None and pre[0] is original else None
         layer: Any
         # Streaming a load (patchkit.from_pretrained): the exact error would cost as much as the
         # quantization itself, so it is not measured there (reported as such).
         loading = ctx.checkpoint_source(original) is not None
         with torch.no_grad():
             if family == "int8":
-                layer = _int8_layer(bnb, module, weight, opts)
+                layer = _int8_layer(bnb, module, weight, opts, quantized)
                 canonical = None
             else:
                 layer = _fourbit_layer(bnb, module, weight, opts, family)

@@ -67,19 +67,25 @@ def _output_embedding(root: nn.Module) -> nn.Module | None:
 
 @dataclass
 class ModelFacts:
-    """Whole-model facts the per-layer checks need, gathered in one pass over the model."""
+    """Whole-model facts the per-layer checks need, gathered in one pass over the model.
 
-    owners: Counter[int]  # id(Parameter) -> number of module objects holding it
+    Keyed on module objects, not tensors: ``patchkit.from_pretrained`` replaces each meta tensor by
+    its loaded value (in every module holding it, so ties stay ties) while one stage's builds share
+    these facts, and a fact about which module shares its weight stays true through that.
+    """
+
+    tied: frozenset[int]  # id() of the modules whose weight Parameter another module object also holds
     output_embedding: nn.Module | None
     keep_fp32: frozenset[str]
-    has_loaded_weights: bool  # any parameter off the meta device
+    has_loaded_weights: bool  # any parameter off the meta device (when gathered)
 
 
 def _gather(root: nn.Module) -> ModelFacts:
-    owners: Counter[int] = Counter()
+    owners: Counter[int] = Counter()  # id(Parameter) -> number of module objects holding it
     keep: set[str] = set()
     loaded = False
-    for m in root.modules():
+    modules = list(root.modules())
+    for m in modules:
         for p in m._parameters.values():
             if p is not None:
                 owners[id(p)] += 1
@@ -88,7 +94,8 @@ def _gather(root: nn.Module) -> ModelFacts:
             value = getattr(type(m), attr, None)  # a class attribute; the class lookup is fast
             if isinstance(value, (list, tuple, set)):
                 keep.update(str(v) for v in value)
-    return ModelFacts(owners, _output_embedding(root), frozenset(keep), loaded)
+    tied = frozenset(id(m) for m in modules if (w := m._parameters.get("weight")) is not None and owners[id(w)] > 1)
+    return ModelFacts(tied, _output_embedding(root), frozenset(keep), loaded)
 
 
 def model_facts(ctx: PatchContext) -> ModelFacts:
@@ -103,11 +110,9 @@ def model_facts(ctx: PatchContext) -> ModelFacts:
 
 def shared_weight(root: nn.Module, module: nn.Module, facts: ModelFacts | None = None) -> bool:
     """True when another module object holds ``module``'s weight Parameter (tied weights)."""
-    weight = module._parameters.get("weight")
-    if weight is None:
+    if module._parameters.get("weight") is None:
         return False
-    owners = facts.owners if facts is not None else _gather(root).owners
-    return owners[id(weight)] > 1
+    return id(module) in (facts if facts is not None else _gather(root)).tied
 
 
 def _keep_fp32(names: frozenset[str], paths: tuple[str, ...]) -> str | None:

@@ -1,19 +1,26 @@
 """Reading safetensors checkpoints tensor by tensor, and finding a tensor again later.
 
-The loader (:mod:`patchkit.loading`) reads every tensor with plain positioned reads into a buffer
-of its own (no memory map stays resident), after checking every file's header up front: listed
-shards present, header well formed, every tensor inside the file, dtypes known. A
-:class:`TensorSource` says where one tensor came from (file, key, byte range, file size and,
-when asked for, a SHA-256 of the bytes read); :meth:`TensorSource.read` reads it back with
-safetensors' memory-mapped ``safe_open`` and refuses if the file changed since.
+The loader (:mod:`patchkit.loading`) checks every file's header up front (listed shards present,
+header well formed, every tensor inside the file, dtypes known), then reads the tensors through a
+:class:`ShardReader`: on Linux the file is memory-mapped copy-on-write and a tensor the loader hands
+straight to a quantizer is a view of the page cache (no copy); every other tensor is copied out,
+and each tensor's pages are dropped from the process (``madvise(MADV_DONTNEED)``) as soon as it is
+done with, so no mapped file stays resident. Elsewhere it reads with plain positioned reads. A
+:class:`TensorSource` says where one tensor came from (file, key, byte range, file size and, when
+asked for, a SHA-256 of the bytes read); :meth:`TensorSource.read` reads it back with safetensors'
+memory-mapped ``safe_open`` and refuses if the file changed since.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import json
+import mmap
 import os
 import struct
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -272,3 +279,146 @@ def read_entry(handle: Any, entry: Entry, *, fingerprint: bool) -> tuple[torch.T
             )
     digest = hashlib.sha256(_bytes(buffer)).hexdigest() if fingerprint else None
     return buffer.view(entry.torch_dtype).reshape(entry.shape), digest
+
+
+_PAGE = mmap.PAGESIZE
+_MAP_FIXED = 0x10  # Linux's value (the mmap module does not export it)
+
+
+@functools.cache
+def _libc_mmap() -> Any:
+    """libc's ``mmap`` (for :meth:`ShardReader._detach`), or ``None`` where it cannot be called."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.mmap
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_void_p
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    return fn
+
+
+def mapping_supported() -> bool:
+    """Whether :class:`ShardReader` maps files (Linux: ``MADV_DONTNEED`` drops pages at once)."""
+    return sys.platform.startswith("linux") and hasattr(mmap, "MADV_DONTNEED") and _libc_mmap() is not None
+
+
+class Shared:
+    """A tensor the reader handed out as a view of its mapping, until :meth:`ShardReader.done` with it."""
+
+    __slots__ = ("entry", "ref", "address")
+
+    def __init__(self, entry: Entry, tensor: torch.Tensor) -> None:
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        storage = tensor.untyped_storage()
+        self.entry = entry
+        self.address = storage.data_ptr()  # a tensor whose storage starts here still uses the view
+        self.ref = StorageWeakRef(storage)  # alive while anything still uses the bytes
+
+
+class ShardReader:
+    """Reads the tensors of one checkpoint file.
+
+    On Linux the file is mapped copy-on-write (``mmap`` ``ACCESS_COPY``: writes to a view never reach
+    the file). :meth:`read` either copies a tensor out (to the dtype and device asked for) and drops
+    its pages from the process at once, or, with ``share=True``, returns a view of the mapping (no
+    copy) and a :class:`Shared` handle: the caller must pass that to :meth:`done` once nothing it
+    knows of uses the view any more. ``done`` drops the pages, or, when something else still holds
+    the bytes (a patcher that kept the tensor it was given), first turns them into private memory
+    so that the tensor no longer depends on the file. The mapping itself goes away with the last
+    view. Elsewhere every tensor is read with ``readinto`` into a buffer of its own.
+    """
+
+    def __init__(self, name: str, expected_size: int) -> None:
+        self.name = name
+        self._map: mmap.mmap | None = None
+        self._base = 0
+        self._file: Any = None
+        self._detached: list[tuple[int, int]] = []  # page ranges now private memory: never dropped
+        if not mapping_supported():
+            self._file = open(name, "rb")  # noqa: SIM115 - closed by close()
+            return
+        with open(name, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < expected_size or size == 0:
+                # The header check saw the file whole: it shrank since. read() names the tensor.
+                self._file = open(name, "rb")  # noqa: SIM115 - closed by close()
+                return
+            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        anchor = ctypes.c_char.from_buffer(self._map)
+        self._base = ctypes.addressof(anchor)
+        del anchor
+
+    def close(self) -> None:
+        """No more reads (:meth:`done` still works): the mapping goes with the reader and the last view."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def read(
+        self, entry: Entry, dtype: torch.dtype, device: torch.device, *, fingerprint: bool, share: bool
+    ) -> tuple[torch.Tensor, str | None, Shared | None]:
+        """``entry`` as a ``dtype`` tensor on ``device``; the SHA-256 of its stored bytes with ``fingerprint``.
+
+        ``share``: the caller may keep a view of the mapping (only taken for a CPU tensor that needs
+        no cast and is naturally aligned); the third value is then its :class:`Shared` handle.
+        Raises :class:`UnsupportedError` if the file ends early (it was truncated after the header check).
+        """
+        if self._map is None:
+            value, digest = read_entry(self._file, entry, fingerprint=fingerprint)
+            if value.dtype != dtype or device.type != "cpu":
+                value = value.to(device=device, dtype=dtype)
+            return value, digest, None
+        if entry.end > len(self._map):  # pragma: no cover - a file that shrank under the mapping
+            raise UnsupportedError(
+                f"{entry.file} is truncated: tensor {entry.key!r} needs {entry.nbytes} bytes from offset "
+                f"{entry.begin}, only {max(0, len(self._map) - entry.begin)} could be read"
+            )
+        stored = entry.torch_dtype
+        if not entry.nbytes:
+            return torch.empty(entry.shape, dtype=dtype, device=device), _sha256(b"") if fingerprint else None, None
+        with memoryview(self._map) as whole:
+            digest = _sha256(whole[entry.begin : entry.end]) if fingerprint else None
+        view = torch.frombuffer(self._map, dtype=torch.uint8, count=entry.nbytes, offset=entry.begin)
+        view = view.view(stored).reshape(entry.shape)
+        aligned = (self._base + entry.begin) % view.element_size() == 0
+        if share and aligned and dtype == stored and device.type == "cpu":
+            return view, digest, Shared(entry, view)
+        value = view.to(device=device, dtype=dtype, copy=True)
+        del view
+        self._drop(entry)
+        return value, digest, None
+
+    def done(self, shared: Shared) -> None:
+        """Nothing the caller knows of uses ``shared``'s view any more: release its pages."""
+        if shared.ref.expired():
+            self._drop(shared.entry)
+        else:
+            self._detach(shared.entry)
+
+    def _drop(self, entry: Entry) -> None:
+        # Only pages wholly inside the tensor: a page it shares with a neighbour may still be in use.
+        start = -(-entry.begin // _PAGE) * _PAGE
+        stop = entry.end // _PAGE * _PAGE
+        if any(start < end and begin < stop for begin, end in self._detached):
+            return  # only a malformed file has overlapping tensors: keep what a detached one holds
+        if self._map is not None and stop > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+    def _detach(self, entry: Entry) -> None:
+        """Replace the tensor's pages, in place, by private anonymous memory holding the same bytes."""
+        start = entry.begin // _PAGE * _PAGE
+        stop = -(-entry.end // _PAGE) * _PAGE
+        address, length = self._base + start, stop - start
+        saved = ctypes.string_at(address, length)
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED
+        got = _libc_mmap()(address, length, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
+        if got != address:  # pragma: no cover - MAP_FIXED over our own mapping does not fail short of ENOMEM
+            raise MemoryError(f"cannot detach tensor {entry.key!r} of {entry.file} from the file mapping")
+        ctypes.memmove(address, saved, length)
+        self._detached.append((start, stop))
+
+
+def _sha256(data: Any) -> str:
+    return hashlib.sha256(data).hexdigest()

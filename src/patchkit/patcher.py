@@ -207,8 +207,10 @@ class PatchContext:
 
         A :class:`patchkit.TensorSource` (file, key, byte range, file size and, when the load was
         asked to fingerprint, the SHA-256 of the bytes read) for a tensor the loader has just read
-        into the module being built; ``None`` outside such a load or for any other tensor. Only
-        valid during ``build``: record what you need from it.
+        into the module being checked and built; ``None`` outside such a load or for any other
+        tensor. Only valid during ``check`` and ``build``: record what you need from it. While
+        loading, ``build`` follows a successful ``check`` of the same module at once, so a check
+        may leave work for its build in ``ctx.cache``.
         """
         found = self._sources.get(id(tensor)) if self._sources is not None else None
         return found[1] if found is not None and found[0] is tensor else None
