@@ -9,9 +9,7 @@ masked grids (the strategy on GPUs without a varlen kernel). ``python bench/benc
 from __future__ import annotations
 
 import contextlib
-import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -45,16 +43,8 @@ def main() -> None:
 
     fns = {"hf": lambda: base(**batch), "per_seq": lambda: fast(**batch), "grids": grids}
     ctx = bs.competing_processes(contend) if contend else contextlib.nullcontext()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    with torch.inference_mode(), ctx:
-        for f in fns.values():
-            f()
-        for _ in range(7):
-            for k, f in fns.items():
-                t = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    with ctx:
+        med = bs._alternate(fns, 7, "cpu")  # interleaved medians, warm-up, inference mode
     print(
         f"competing processes {contend}: "
         + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in med.items())

@@ -26,10 +26,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+from bench_sdpa import _sync  # noqa: E402  (bench/ on sys.path, as the GPU check runs it)
 
 
 def _times(fn: Callable[[], Any], device: str, runs: int) -> dict[str, float]:

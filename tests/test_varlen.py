@@ -85,7 +85,7 @@ def test_backward_has_no_nan_when_a_window_empties_padding_rows() -> None:
     for fn in ("grouped", "reference"):
         q, k, v = (t.clone().requires_grad_() for t in base)
         if fn == "grouped":
-            out = grouped_sdpa(q, k, v, plan_groups(cu, cu, causal=True, window_left=4), scale=None)
+            out = grouped_sdpa(q, k, v, plan_groups(cu, cu, causal=True, window_left=4, per_sequence=False), scale=None)
         else:
             out = per_sequence(q, k, v, cu, cu, True, 4)
         out.square().sum().backward()

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from patchkit import varlen
 from patchkit.attention_backends import AttentionBackend
 from patchkit.varlen import grouped_sdpa, plan_groups
 
@@ -86,8 +85,7 @@ def reference_varlen(
     pairs = [(cq[i + 1] - cq[i], ck[i + 1] - ck[i]) for i in range(len(cq) - 1)]
     if alibi_slopes is None and not softcap and (causal or window[1] < 0) and all(a <= b for a, b in pairs):
         # the common case: a few masked calls over groups of similar-length sequences (patchkit.varlen)
-        per_sequence = varlen.cpu_strategy(q.device, max(b for _, b in pairs))
-        groups_ = plan_groups(cq, ck, causal=causal, window_left=window[0], device=q.device, per_sequence=per_sequence)
+        groups_ = plan_groups(cq, ck, causal=causal, window_left=window[0], device=q.device)
         return grouped_sdpa(q, k, v, groups_, scale=scale, dropout=dropout)
     outs = []
     for i in range(len(cq) - 1):

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from patchkit import varlen
 from patchkit.varlen import Group, grouped_sdpa, plan_groups
 
 
@@ -47,9 +46,7 @@ class Packing:
         cached = self.__dict__.get(key)
         if cached is None:
             cu = self.cu_seqlens.tolist()
-            device = self.cu_seqlens.device
-            per_sequence = varlen.cpu_strategy(device, self.max_len)
-            cached = plan_groups(cu, cu, causal=causal, device=device, per_sequence=per_sequence)
+            cached = plan_groups(cu, cu, causal=causal, device=self.cu_seqlens.device)
             object.__setattr__(self, key, cached)
         return cached
 

@@ -125,19 +125,16 @@ class _Prefill:
     def __init__(self, cache: Any, packing: Packing, keep: torch.Tensor | None) -> None:
         self.cache = cache
         self.packing = packing
-        self.tails: list[tuple[int, int, int]] = []  # (row, start, end of the row's packed tokens)
+        self.tails: list[int] = []  # rows whose last position is padding but which hold tokens
+        self.tail_index: torch.Tensor | None = None  # the same rows, as a tensor
         self.tail_keep: torch.Tensor | None = None  # [tails, 1, 1, T]: each tail's row's valid keys
         if keep is not None and packing.index is not None:
             cu = packing.cu_seqlens.tolist()
             last = keep[:, -1].tolist()
-            self.tails = [(b, cu[b], cu[b + 1]) for b in range(packing.batch) if not last[b] and cu[b + 1] > cu[b]]
+            self.tails = [b for b in range(packing.batch) if not last[b] and cu[b + 1] > cu[b]]
             if self.tails:
-                self.tail_index = torch.tensor(self.tail_rows, device=keep.device)
+                self.tail_index = torch.tensor(self.tails, device=keep.device)
                 self.tail_keep = keep.index_select(0, self.tail_index)[:, None, None, :]
-
-    @property
-    def tail_rows(self) -> list[int]:
-        return [b for b, _, _ in self.tails]
 
     def attend(self, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
         """Causal attention of the valid tokens, the cache write, and the tails' attention."""
@@ -154,6 +151,7 @@ class _Prefill:
         # keys just written (one masked SDPA call instead of one call per row and layer).
         nt = len(self.tails)
         qt = q[n:].view(nt, 1, heads, dim).transpose(1, 2)
+        assert self.tail_index is not None
         kt, vt = (z.index_select(0, self.tail_index) for z in (padded_k, padded_v))
         o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=self.tail_keep, dropout_p=dropout_p, scale=1.0)
         return torch.cat([out, o.reshape(nt, heads * dim)])
@@ -327,7 +325,7 @@ def packed_forward(
         packed = functools.partial(_layer_packed, prefill=prefill)
         inference = functools.partial(_layer_inference, prefill=prefill)
         if prefill.tails:
-            x = torch.cat([x, hidden[prefill.tail_rows, -1]])
+            x = torch.cat([x, hidden[prefill.tails, -1]])
     x = run_layers(self.layers, x, packing, packed=packed, inference=inference, inference_ok=_inference_ok)
     if self.final_layer_norm is not None:
         x = self.final_layer_norm(x)
@@ -336,7 +334,7 @@ def packed_forward(
     n = x.shape[0] - (len(prefill.tails) if prefill is not None else 0)
     out = unpack(x[:n], packing)
     if prefill is not None and prefill.tails:
-        out[prefill.tail_rows, -1] = x[n:]
+        out[prefill.tails, -1] = x[n:]
     # Only last_hidden_state and the cache: the cache field was renamed (past_key_values -> cache) in 5.x.
     return BaseModelOutputWithPast(last_hidden_state=out, **({field: cache} if cache is not None else {}))
 

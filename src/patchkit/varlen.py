@@ -77,7 +77,7 @@ def plan_groups(
     causal: bool,
     window_left: int = -1,
     device: torch.device | str = "cpu",
-    per_sequence: bool = False,
+    per_sequence: bool | None = None,
 ) -> tuple[Group, ...]:
     """The groups for sequences with cumulative query/key lengths ``cu_q``/``cu_k`` (host lists).
 
@@ -88,19 +88,23 @@ def plan_groups(
 
     ``per_sequence=True``: one in-place call per sequence instead (no grid copies), for sequences
     longer than :data:`ONE_GROUP_UP_TO` (shorter ones still share one grid): on an idle CPU the
-    copies into and out of the grids cost more than the calls they save (see :func:`cpu_strategy`).
+    copies into and out of the grids cost more than the calls they save. ``None`` (the default)
+    decides by :func:`cpu_strategy` from ``device`` and the longest sequence.
     """
     device = torch.device(device)
     nq = [cu_q[i + 1] - cu_q[i] for i in range(len(cu_q) - 1)]
     nk = [cu_k[i + 1] - cu_k[i] for i in range(len(cu_k) - 1)]
     usable = [k if q > 0 else 0 for q, k in zip(nq, nk, strict=True)]
-    if per_sequence and max(usable, default=0) > ONE_GROUP_UP_TO:
+    longest = max(usable, default=0)
+    if per_sequence is None:
+        per_sequence = cpu_strategy(device, longest)
+    if per_sequence and longest > ONE_GROUP_UP_TO:
         return tuple(
             _in_place(cu_q[s], nq[s], cu_k[s], nk[s], causal, window_left, device)
             for s in range(len(nq))
             if usable[s]
         )
-    most = 1 if max(usable, default=0) <= ONE_GROUP_UP_TO else MAX_GROUPS
+    most = 1 if longest <= ONE_GROUP_UP_TO else MAX_GROUPS
     members = group_sequences(usable, most)
     # one group holding every token, in packed order: grid rows come straight from q/k (no gather)
     everything = (
@@ -149,7 +153,8 @@ def _in_place(q0: int, nq: int, k0: int, nk: int, causal: bool, window_left: int
 
 
 def cpu_strategy(device: torch.device, longest: int) -> bool:
-    """Whether to plan ``per_sequence`` calls: on the CPU for sequences over :data:`ONE_GROUP_UP_TO`.
+    """Whether :func:`plan_groups` plans ``per_sequence`` calls by default: on the CPU for sequences
+    over :data:`ONE_GROUP_UP_TO`.
 
     Measured on the 2-core VM (MiniLM 32 x 256, 45% padding): the per-sequence calls beat grouped
     grids there (the grids' gather/scatter copies cost more than the parallel regions they save);
