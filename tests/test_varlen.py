@@ -48,9 +48,7 @@ CASES = {
 @pytest.mark.parametrize("causal,window_left", [(True, -1), (False, -1), (True, 9)])
 @pytest.mark.parametrize("kv_heads", [4, 2])
 @pytest.mark.parametrize("in_place", [False, True])
-def test_grouped_equals_per_sequence(
-    case: str, causal: bool, window_left: int, kv_heads: int, in_place: bool
-) -> None:
+def test_grouped_equals_per_sequence(case: str, causal: bool, window_left: int, kv_heads: int, in_place: bool) -> None:
     lq, lk = CASES[case]
     lk = lk or lq
     cu_q, cu_k = cumulative(lq), cumulative(lk)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from patchkit import PatchkitWarning, UnsupportedError
+from patchkit.threads import governed
 
 from . import dispatch
 from . import layout as L
@@ -109,9 +110,10 @@ class PatchedForward:
             elif plan is not None:
                 hooked = hooked_modules(self.base)
                 if not hooked:
-                    return _packed_call(
-                        self.original, kw, state, plan, self.base if self.carrier == "context" else None
-                    )
+                    with governed(kw["attention_mask"]):  # on a busy CPU: only the free cores
+                        return _packed_call(
+                            self.original, kw, state, plan, self.base if self.carrier == "context" else None
+                        )
                 self.warn_once(
                     "hooks",
                     f"hooks on {', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''} would see packed "

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from patchkit import PatchContext, UnsupportedError, share_as
+from patchkit.threads import governed
 
 from ._fingerprint import require_known
 from ._inference import inference_ready, linear
@@ -365,19 +366,20 @@ def encode_packed(
     (``model.gradient_checkpointing_enable()``) is honoured per layer while training.
     """
     b, t, _ = hidden_states.shape
-    packing = make_packing(keep, b, t, hidden_states.device, kernels_of(encoder))
-    x = pack(hidden_states, packing)
-    x = run_layers(
-        encoder.layer,
-        x,
-        packing,
-        packed=variant.packed,
-        inference=variant.inference,
-        inference_ok=variant.inference_ok,
-    )
-    if variant.final_norm is not None:
-        x = getattr(encoder, variant.final_norm)(x)
-    return unpack(x, packing)
+    with governed(hidden_states):  # on a busy CPU: only the free cores
+        packing = make_packing(keep, b, t, hidden_states.device, kernels_of(encoder))
+        x = pack(hidden_states, packing)
+        x = run_layers(
+            encoder.layer,
+            x,
+            packing,
+            packed=variant.packed,
+            inference=variant.inference,
+            inference_ok=variant.inference_ok,
+        )
+        if variant.final_norm is not None:
+            x = getattr(encoder, variant.final_norm)(x)
+        return unpack(x, packing)
 
 
 class PackedEncoderMixin:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from patchkit import PatchContext, UnsupportedError, share_as
+from patchkit.threads import governed
 
 from ._fingerprint import require_known
 from ._inference import inference_ready, linear
@@ -170,12 +171,13 @@ def encode_packed(transformer: Any, hidden_states: torch.Tensor, keep: torch.Ten
     (``model.gradient_checkpointing_enable()``) is honoured per block while training.
     """
     b, t, _ = hidden_states.shape
-    packing = make_packing(keep, b, t, hidden_states.device, kernels_of(transformer))
-    x = pack(hidden_states, packing)
-    x = run_layers(
-        transformer.layer, x, packing, packed=_block_packed, inference=_block_inference, inference_ok=_inference_ok
-    )
-    return unpack(x, packing)
+    with governed(hidden_states):  # on a busy CPU: only the free cores
+        packing = make_packing(keep, b, t, hidden_states.device, kernels_of(transformer))
+        x = pack(hidden_states, packing)
+        x = run_layers(
+            transformer.layer, x, packing, packed=_block_packed, inference=_block_inference, inference_ok=_inference_ok
+        )
+        return unpack(x, packing)
 
 
 class PackedDistilBertMixin:

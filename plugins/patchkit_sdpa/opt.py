@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from patchkit import PatchContext, UnsupportedError
+from patchkit.threads import governed
 
 from ._fingerprint import require_known
 from ._head import plain_linear_head, skip_zero_rows_forward
@@ -317,7 +318,17 @@ def packed_forward(
     positions = self.embed_positions(mask.long(), 0, position_ids=position_ids)
     hidden = inputs_embeds + positions.to(inputs_embeds.device)
     keep = mask.bool() if attention_mask is not None else None
-    packing = make_packing(keep, b, t, hidden.device, kernels_of(self))
+    with governed(hidden):  # on a busy CPU: only the free cores
+        out = _decode_packed(self, hidden, keep, cache)
+    # Only last_hidden_state and the cache: the cache field was renamed (past_key_values -> cache) in 5.x.
+    return BaseModelOutputWithPast(last_hidden_state=out, **({field: cache} if cache is not None else {}))
+
+
+def _decode_packed(decoder: Any, hidden: torch.Tensor, keep: torch.Tensor | None, cache: Any) -> torch.Tensor:
+    """The layers and final projections on the valid tokens of ``hidden`` ``[B, T, C]`` (plus each
+    right-padded row's last position when a cache is started); ``[B, T, C]``, zeros where padded."""
+    b, t = hidden.shape[:2]
+    packing = make_packing(keep, b, t, hidden.device, kernels_of(decoder))
     x = pack(hidden, packing)
     prefill = _Prefill(cache, packing, keep) if cache is not None else None
     packed, inference = _layer_packed, _layer_inference
@@ -326,17 +337,16 @@ def packed_forward(
         inference = functools.partial(_layer_inference, prefill=prefill)
         if prefill.tails:
             x = torch.cat([x, hidden[prefill.tails, -1]])
-    x = run_layers(self.layers, x, packing, packed=packed, inference=inference, inference_ok=_inference_ok)
-    if self.final_layer_norm is not None:
-        x = self.final_layer_norm(x)
-    if self.project_out is not None:
-        x = self.project_out(x)
+    x = run_layers(decoder.layers, x, packing, packed=packed, inference=inference, inference_ok=_inference_ok)
+    if decoder.final_layer_norm is not None:
+        x = decoder.final_layer_norm(x)
+    if decoder.project_out is not None:
+        x = decoder.project_out(x)
     n = x.shape[0] - (len(prefill.tails) if prefill is not None else 0)
     out = unpack(x[:n], packing)
     if prefill is not None and prefill.tails:
         out[prefill.tails, -1] = x[n:]
-    # Only last_hidden_state and the cache: the cache field was renamed (past_key_values -> cache) in 5.x.
-    return BaseModelOutputWithPast(last_hidden_state=out, **({field: cache} if cache is not None else {}))
+    return out
 
 
 def build(module: Any, ctx: PatchContext) -> None:

@@ -100,9 +100,7 @@ def plan_groups(
         per_sequence = cpu_strategy(device, longest)
     if per_sequence and longest > ONE_GROUP_UP_TO:
         return tuple(
-            _in_place(cu_q[s], nq[s], cu_k[s], nk[s], causal, window_left, device)
-            for s in range(len(nq))
-            if usable[s]
+            _in_place(cu_q[s], nq[s], cu_k[s], nk[s], causal, window_left, device) for s in range(len(nq)) if usable[s]
         )
     most = 1 if longest <= ONE_GROUP_UP_TO else MAX_GROUPS
     members = group_sequences(usable, most)
