@@ -235,6 +235,34 @@ def test_an_empty_cache_object_is_filled_and_a_decode_step_continues_exactly() -
     assert float((nxt - nxt_ref).abs().max()) < 1e-5
 
 
+def test_a_cache_that_keeps_the_passed_tensors_gets_fresh_ones_per_layer() -> None:
+    """The prefill reuses its padded K/V buffers across layers only where the cache copied them
+    (transformers' DynamicLayer concatenates); a cache layer that keeps the tensors it is given must
+    not see a later layer's keys written into them."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class KeepingLayer(DynamicLayer):
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self.keys, self.values = key_states, value_states  # a reference, no copy
+                return self.keys, self.values
+            return super().update(key_states, value_states, *args, **kwargs)
+
+    ref = tiny_opt("eager", num_hidden_layers=3)
+    model = copy.deepcopy(ref)
+    patchkit.apply(model, attention="sdpa")
+    ids, mask = padded("right")
+    cache = DynamicCache(config=model.config)
+    cache.layers = [KeepingLayer() for _ in range(3)]
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, **{CACHE_ARG: cache})
+        exp = ref(input_ids=ids, attention_mask=mask)
+    assert all(type(layer) is KeepingLayer for layer in cache.layers)
+    assert_cache_matches(cache, cache_of(exp), mask)
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_generate_prefill_is_padding_free_and_tokens_equal_eager(side: str) -> None:
     ref = tiny_opt("eager")

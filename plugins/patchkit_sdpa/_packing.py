@@ -85,7 +85,7 @@ def unpack(x: torch.Tensor, packing: Packing) -> torch.Tensor:
     """``[N, C]`` -> ``[B, T, C]``; padded positions hold zeros (a defined value, documented)."""
     if packing.index is None:
         return x.reshape(packing.batch, packing.length, x.shape[-1])
-    out = x.new_zeros(packing.batch * packing.length, x.shape[-1]).index_copy(0, packing.index, x)
+    out = x.new_zeros(packing.batch * packing.length, x.shape[-1]).index_copy_(0, packing.index, x)
     return out.view(packing.batch, packing.length, x.shape[-1])
 
 

@@ -127,15 +127,36 @@ class _Prefill:
         self.cache = cache
         self.packing = packing
         self.tails: list[int] = []  # rows whose last position is padding but which hold tokens
-        self.tail_index: torch.Tensor | None = None  # the same rows, as a tensor
-        self.tail_keep: torch.Tensor | None = None  # [tails, 1, 1, T]: each tail's row's valid keys
+        self.tail_keep: torch.Tensor | None = None  # [1, 1, tails, N]: each tail's row's packed keys
+        self.buffers: list[torch.Tensor | None] = [None, None]  # padded K/V of the last layer, reusable
         if keep is not None and packing.index is not None:
             cu = packing.cu_seqlens.tolist()
             last = keep[:, -1].tolist()
             self.tails = [b for b in range(packing.batch) if not last[b] and cu[b + 1] > cu[b]]
             if self.tails:
-                self.tail_index = torch.tensor(self.tails, device=keep.device)
-                self.tail_keep = keep.index_select(0, self.tail_index)[:, None, None, :]
+                start, end = (torch.tensor([cu[b + i] for b in self.tails], device=keep.device) for i in (0, 1))
+                j = torch.arange(cu[-1], device=keep.device)
+                self.tail_keep = ((j >= start[:, None]) & (j < end[:, None]))[None, None]
+
+    def _write_cache(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, heads: int, dim: int) -> None:
+        """``cache.update`` (the host's own dispatch point) with ``[B, heads, T, D]`` keys/values, zeros
+        where padded. The padded buffers are reused by the next layer (only valid rows rewritten)
+        when the cache copied them, as transformers' ``DynamicLayer`` does: one zero-filled
+        allocation per forward instead of two per layer."""
+        b, t = self.packing.batch, self.packing.length
+        padded: list[torch.Tensor] = []
+        for slot, z in enumerate((k, v)):
+            buffer = self.buffers[slot]
+            if buffer is None or self.packing.index is None:
+                buffer = unpack(z, self.packing)
+            else:
+                buffer.view(b * t, -1).index_copy_(0, self.packing.index, z)
+            padded.append(buffer)
+        pk, pv = (z.view(b, t, heads, dim).transpose(1, 2) for z in padded)
+        self.cache.update(pk, pv, layer_idx)
+        layers = getattr(self.cache, "layers", None)
+        layer = layers[layer_idx] if isinstance(layers, list) and layer_idx < len(layers) else None
+        self.buffers = list(padded) if _copied_into(layer, padded) else [None, None]
 
     def attend(self, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
         """Causal attention of the valid tokens, the cache write, and the tails' attention."""
@@ -143,19 +164,28 @@ class _Prefill:
         n = q.shape[0] - len(self.tails)
         k, v = k[:n], v[:n]
         out = varlen_sdpa(q[:n], k, v, self.packing, heads, dim, scale=1.0, causal=True, dropout_p=dropout_p)
-        b, t = self.packing.batch, self.packing.length
-        padded_k, padded_v = (unpack(z, self.packing).view(b, t, heads, dim).transpose(1, 2) for z in (k, v))
-        self.cache.update(padded_k, padded_v, attn.layer_idx)  # the host's own dispatch point
+        self._write_cache(attn.layer_idx, k, v, heads, dim)
         if not self.tails:
             return out
-        # All tails in one call: each tail query attends to its row's valid keys, read from the padded
-        # keys just written (one masked SDPA call instead of one call per row and layer).
+        # All tails in one call, as the query rows of one sequence: each attends to its own row's
+        # packed keys (views of k/v, no gather; the mask keeps the row's span), all of them.
         nt = len(self.tails)
-        qt = q[n:].view(nt, 1, heads, dim).transpose(1, 2)
-        assert self.tail_index is not None
-        kt, vt = (z.index_select(0, self.tail_index) for z in (padded_k, padded_v))
+        qt = q[n:].view(1, nt, heads, dim).transpose(1, 2)
+        kt, vt = (z.view(1, n, heads, dim).transpose(1, 2) for z in (k, v))
         o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=self.tail_keep, dropout_p=dropout_p, scale=1.0)
-        return torch.cat([out, o.reshape(nt, heads * dim)])
+        return torch.cat([out, o.transpose(1, 2).reshape(nt, heads * dim)])
+
+
+def _copied_into(layer: Any, padded: list[torch.Tensor]) -> bool:
+    """True when ``layer`` is transformers' ``DynamicLayer`` and holds copies of ``padded`` (its
+    ``update`` concatenates), so the buffers may be overwritten; a cache that kept a reference does not."""
+    from transformers.cache_utils import DynamicLayer
+
+    if type(layer) is not DynamicLayer:
+        return False
+    held = (getattr(layer, "keys", None), getattr(layer, "values", None))
+    ptrs = {z.untyped_storage().data_ptr() for z in padded}
+    return all(isinstance(z, torch.Tensor) and z.untyped_storage().data_ptr() not in ptrs for z in held)
 
 
 def _attend(
