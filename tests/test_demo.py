@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
@@ -102,5 +103,34 @@ def test_demo_says_when_the_machine_is_too_busy_for_a_fair_figure() -> None:
 
     spread = machine_busy([100.0, 160.0, 100.0], [50.0, 50.0, 51.0])
     assert spread is not None and "original runs spread 60%" in spread
-    steady = machine_busy([100.0, 101.0, 100.0], [50.0, 50.0, 51.0])
-    assert steady is None or ("load average" in steady and "spread" not in steady)
+    assert machine_busy([100.0, 101.0, 100.0], [50.0, 50.0, 51.0], waited_share=0.02) is None
+    waited = machine_busy([100.0, 101.0, 100.0], [50.0, 50.0, 51.0], waited_share=0.3)
+    assert waited is not None and "waited 30% of the time" in waited and "spread" not in waited
+
+
+def test_demo_flags_a_competing_process() -> None:
+    """A busy process on one of the demo's two CPUs: the demo measures its own threads' run-queue wait and
+    says the figure is not fair (the load average counted the demo's own threads, so it said that
+    on an idle machine too)."""
+    import subprocess
+    import sys
+
+    cpus = sorted(os.sched_getaffinity(0))[:2]  # the demo on two CPUs, a busy process on one of them
+    if len(cpus) < 2:
+        pytest.skip("needs 2 CPUs")
+    pin = f"import os; os.sched_setaffinity(0, {set(cpus)}); "
+    spin = f"import os; os.sched_setaffinity(0, {{{cpus[0]}}}); exec('while True: pass')"
+    competitor = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        demo = pin + "import sys, torch; torch.set_num_threads(2); from patchkit.cli import main; "
+        run = subprocess.run(
+            [sys.executable, "-c", demo + "sys.exit(main(['demo', '--quick']))"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        competitor.kill()
+        competitor.wait()
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "the machine looks busy (this process's threads waited" in run.stdout, run.stdout[-1500:]

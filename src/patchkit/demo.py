@@ -8,7 +8,6 @@ This module only runs what a :class:`Demo` builds and measures it.
 from __future__ import annotations
 
 import io
-import os
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -19,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from .threads import run_queue_wait
 
 if TYPE_CHECKING:
     from .registry import Registry
@@ -76,17 +77,17 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times) * 1000
 
 
-def machine_busy(original_ms: list[float], patched_ms: list[float]) -> str | None:
+def machine_busy(original_ms: list[float], patched_ms: list[float], waited_share: float | None = None) -> str | None:
     """Why timings taken on this machine right now are not a fair comparison, or ``None``.
 
-    Busy means: the 1-minute load average exceeds the cores minus the threads this process uses,
-    or the runs of one variant spread by more than 25% (another process took cores mid-run).
+    Busy means: this process's threads spent more than 10% of the timed runs waiting for a CPU
+    (``waited_share``, from :func:`patchkit.threads.run_queue_wait`: other processes held cores;
+    the load average would count this process's own threads), or the runs of one variant spread by
+    more than 25% (another process took cores mid-run).
     """
-    cores = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     reasons = []
-    if load > max(cores - torch.get_num_threads(), 0) + 0.5:
-        reasons.append(f"load average {load:.1f} on {cores} cores")
+    if waited_share is not None and waited_share > 0.10:
+        reasons.append(f"this process's threads waited {waited_share:.0%} of the time for a CPU")
     for label, runs in (("original", original_ms), ("patched", patched_ms)):
         spread = (max(runs) - min(runs)) / statistics.median(runs)
         if spread > 0.25:
@@ -180,11 +181,14 @@ def _run(demo: Demo, case: DemoCase, quick: bool, registry: Registry) -> int:
 
     repeats = 3 if quick else 7
     patched_ms, original_ms = [], []
+    waited, start = run_queue_wait(), time.perf_counter()
     for _ in range(repeats):  # alternate patched and original runs so both see the same machine state
         patched_ms.append(_median_ms(forward, 1))
         patchkit.reverse(model)
         original_ms.append(_median_ms(forward, 1))
         patchkit.apply(model, registry=registry, **case.apply)
+    after, wall = run_queue_wait(), time.perf_counter() - start
+    share = (after - waited) / (wall * torch.get_num_threads()) if waited is not None and after is not None else None
     p_ms, o_ms = statistics.median(patched_ms), statistics.median(original_ms)
     ratios = sorted(o / p for o, p in zip(original_ms, patched_ms, strict=True))
     print(
@@ -192,7 +196,7 @@ def _run(demo: Demo, case: DemoCase, quick: bool, registry: Registry) -> int:
         f"(median of {repeats} alternating runs, per-pair range {ratios[0]:.2f}x..{ratios[-1]:.2f}x, "
         f"{torch.get_num_threads()} threads)"
     )
-    busy = machine_busy(original_ms, patched_ms)
+    busy = machine_busy(original_ms, patched_ms, share)
     if busy:
         print(f"note: {busy}; this speed-up is not a fair figure, rerun on an idle machine")
     if o_mem is not None and p_mem is not None:
