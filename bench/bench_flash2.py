@@ -514,6 +514,7 @@ def main() -> None:
     parser.add_argument("--only-generate", action="store_true", help="only the generate benchmark")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--gpu-dry-run", action="store_true", help="run gpu_checks(small=True) and print JSON")
+    parser.add_argument("--contend", type=int, default=0, metavar="N", help="N competing busy processes while timing")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -521,8 +522,17 @@ def main() -> None:
         print(json.dumps(gpu_checks(small=True), indent=1))
         return
     import transformers
+    from bench_sdpa import competing_processes  # the same competitor as the sdpa benchmark's
 
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+        f"{args.contend} competing busy process(es)"
+    )
+    with competing_processes(args.contend):
+        _tables(args)
+
+
+def _tables(args: argparse.Namespace) -> None:
     reps = args.reps or 3
     for name in [] if args.only_generate else args.models.split(","):
         print(f"{name}: plain call model(ids, attention_mask=mask), config use_cache=True (the default)")

@@ -102,27 +102,30 @@ class PatchedForward:
             config=config, mask=mask if mask is not None and mask.dim() == 2 else None, owner=self
         )
         token = dispatch.ACTIVE.set(state)
+        anchor = next((kw[n] for n in ("input_ids", "inputs_embeds") if isinstance(kw.get(n), torch.Tensor)), None)
         try:
-            able = self.padding_free and (self.pass_kwargs or self.carrier == "context")
-            plan = _padding_free_plan(config, kw) if able or self.off_reason else None
-            if plan is not None and not able and self.off_reason is not None:
-                self.warn_once(*self.off_reason)
-            elif plan is not None:
-                hooked = hooked_modules(self.base)
-                if not hooked:
-                    with governed(kw["attention_mask"]):  # on a busy CPU: only the free cores
-                        return _packed_call(
-                            self.original, kw, state, plan, self.base if self.carrier == "context" else None
-                        )
-                self.warn_once(
-                    "hooks",
-                    f"hooks on {', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''} would see packed "
-                    "(1, tokens, D) tensors: calls with hooks inside the model run padded (varlen attention "
-                    "only, no padding-free speed-up) until they are removed",
-                )
-            return self.original(**kw)
+            # on a busy CPU, packed prefills and padded steps alike run on the free cores only
+            with governed(anchor) if anchor is not None else contextlib.nullcontext():
+                return self._call(config, kw, state)
         finally:
             dispatch.ACTIVE.reset(token)
+
+    def _call(self, config: Any, kw: dict[str, Any], state: dispatch.ActiveForward) -> Any:
+        able = self.padding_free and (self.pass_kwargs or self.carrier == "context")
+        plan = _padding_free_plan(config, kw) if able or self.off_reason else None
+        if plan is not None and not able and self.off_reason is not None:
+            self.warn_once(*self.off_reason)
+        elif plan is not None:
+            hooked = hooked_modules(self.base)
+            if not hooked:
+                return _packed_call(self.original, kw, state, plan, self.base if self.carrier == "context" else None)
+            self.warn_once(
+                "hooks",
+                f"hooks on {', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''} would see packed "
+                "(1, tokens, D) tensors: calls with hooks inside the model run padded (varlen attention "
+                "only, no padding-free speed-up) until they are removed",
+            )
+        return self.original(**kw)
 
 
 INERT_HOOKS = frozenset({"output_capturing_hook"})  # transformers' output capture: reads outputs by layer

@@ -16,6 +16,7 @@ also gets an instance ``forward`` that skips the all-zero rows the packed path l
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import types
@@ -321,15 +322,18 @@ def packed_forward(
         if why:
             warn_fallback(why, "OPT decoder")
         original = type(self).forward.__get__(self)
-        return original(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            **({arg: cache} if cache is not None else {}),
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            position_ids=position_ids,
-            **kwargs,
-        )
+        anchor = input_ids if input_ids is not None else inputs_embeds
+        # decode steps too: on a busy CPU they run on the free cores only
+        with governed(anchor) if isinstance(anchor, torch.Tensor) else contextlib.nullcontext():
+            return original(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                **({arg: cache} if cache is not None else {}),
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                position_ids=position_ids,
+                **kwargs,
+            )
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
     if cache is None and use_cache:
