@@ -19,8 +19,11 @@ larger regions) lost less. The remedy is to run on the cores that are actually f
   runnable tasks, less this process's, shows more free cores than in use (:func:`free_cores`, at most every 0.5 s), or
   after 32 s whatever it shows (in a container that count is the host's).
 
-Only ``torch.set_num_threads`` in the calling thread is touched (OpenMP's and MKL's counts are
-per thread), and it is restored when the region ends, also on error. Nothing happens on GPUs,
+The count is torch's own (``torch.set_num_threads``), lowered only while the region runs and
+restored when it ends, also on error. OpenMP and MKL hold it per thread, but torch's bookkeeping
+is process-wide: a Python thread that reads ``torch.get_num_threads()`` (or starts its first torch
+op) during a governed region may see the lowered count, and only one governed region at a time
+changes it (a second one, nested or in another thread, runs as it is). Nothing happens on GPUs,
 while compiling or tracing, off Linux, or with ``PATCHKIT_ADAPT_THREADS=0``.
 """
 
@@ -138,7 +141,7 @@ def _cores() -> int:
 
 class Governor:
     """The thread count packed regions use on this machine now (one per process: it describes the
-    machine, not a model). Thread-safe enough: a lost update only delays a decision."""
+    machine, not a model)."""
 
     def __init__(self) -> None:
         self.cap: int | None = None  # lowered count, or None: the caller's
@@ -147,7 +150,9 @@ class Governor:
         self.next_measure = 0.0
         self.pending: tuple[int, float, float] = (0, 0.0, 0.0)  # (threads, waited, wall) not yet decided on
         self.decisions = 0  # how many times the count changed (for tests and benchmarks)
-        self._local = threading.local()
+        # One governed region at a time in the process: torch's count is process-wide bookkeeping,
+        # so a second region (nested, or in another thread) runs as it is, neither measured nor changed.
+        self._one_region = threading.Lock()
 
     def _want_probe(self, now: float) -> bool:
         if self.cap is None or self.probing or now - self.last_probe < FIRST_PROBE:
@@ -187,34 +192,35 @@ class Governor:
         if (
             x.device.type != "cpu"
             or most <= 1
-            or getattr(self._local, "inside", False)
             or os.environ.get("PATCHKIT_ADAPT_THREADS", "1") == "0"
             or torch.compiler.is_compiling()
             or torch.jit.is_tracing()
+            or not self._one_region.acquire(blocking=False)  # nested, or running in another thread
         ):
             yield
             return
-        now = time.perf_counter()
-        if self._want_probe(now):
-            self.probing, self.last_probe = True, now
-        threads = most if self.cap is None or self.probing else min(most, self.cap)
-        before = run_queue_wait() if (self.probing or now >= self.next_measure) else None
-        self._local.inside = True
-        if threads != most:
-            torch.set_num_threads(threads)
-        start = time.perf_counter()
         try:
-            yield
-        finally:
-            end = time.perf_counter()
+            now = time.perf_counter()
+            if self._want_probe(now):
+                self.probing, self.last_probe = True, now
+            threads = most if self.cap is None or self.probing else min(most, self.cap)
+            before = run_queue_wait() if (self.probing or now >= self.next_measure) else None
             if threads != most:
-                torch.set_num_threads(most)
-            self._local.inside = False
+                torch.set_num_threads(threads)
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                end = time.perf_counter()
+                if threads != most:
+                    torch.set_num_threads(most)
             if before is not None:
                 after = run_queue_wait()
                 self.next_measure = time.perf_counter() + MEASURE_EVERY
                 if after is not None:
                     self._record(threads, most, after - before, end - start)
+        finally:
+            self._one_region.release()
 
 
 governor = Governor()
