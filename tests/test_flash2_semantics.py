@@ -291,6 +291,36 @@ def test_plain_call_with_cache_runs_padding_free(make, pad, cache_arg):
     assert (model_step - want_step).abs().max() <= TOL
 
 
+def test_a_cache_that_keeps_the_passed_tensors_gets_fresh_ones_per_layer():
+    """The prefill reuses its padded K/V buffers across layers only where the cache copied them
+    (transformers' DynamicLayer concatenates); a cache layer that keeps the tensors it is given must
+    not see a later layer's keys written into them."""
+    from test_flash2_llama import batch
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class KeepingLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self.keys, self.values = key_states, value_states  # a reference, no copy
+                return self.keys, self.values
+            return super().update(key_states, value_states, *args, **kwargs)
+
+    model = _cached(llama)  # two layers: the second would overwrite the first's kept tensors
+    ids, mask = batch("right")
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask)
+    patch(model)
+    cache = DynamicCache(config=model.config)
+    cache.layers = [KeepingLayer() for _ in range(model.config.num_hidden_layers)]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # past_key_values -> cache (5.24)
+        model(ids, attention_mask=mask, past_key_values=cache)
+    assert all(type(layer) is KeepingLayer for layer in cache.layers)
+    _assert_same_cache(cache, want.past_key_values, mask)
+
+
 @pytest.mark.parametrize(
     "make",
     [llama, lambda: llama(kv_heads=1), lambda: mistral(window=3), lambda: mistral(window=6)],

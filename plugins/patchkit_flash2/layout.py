@@ -142,8 +142,7 @@ def unpad(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
 def repad(out: torch.Tensor, index: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
     """Packed ``[tokens, heads, dim]`` -> ``[batch, length, heads, dim]`` with zeros on padding."""
     if index is not None:
-        full = out.new_zeros(batch * length, *out.shape[1:])
-        out = full.index_copy(0, index, out)
+        out = out.new_zeros(batch * length, *out.shape[1:]).index_copy_(0, index, out)
     return out.reshape(batch, length, *out.shape[1:])
 
 
