@@ -117,6 +117,34 @@ def test_compiled_flash2_does_not_recompile_per_call():
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def test_compiled_model_is_not_governed_between_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a busy CPU the thread governor lowers torch's count for eager packed calls; inside a
+    compiled call (also in eager code between its graphs) it must not, or every change of its
+    decision recompiles the graphs."""
+    from patchkit import threads
+
+    gov = threads.Governor()
+    monkeypatch.setattr(threads, "governor", gov)
+    gov.last_probe = float("inf")  # no probes: the test sets the decision
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = tiny_llama()
+        patchkit.apply(model, attention="flash2", backend="reference")
+        compiled = torch.compile(model, backend="aot_eager")
+        with torch.no_grad():
+            for i, seed in enumerate((1, 2, 3, 4, 5)):
+                gov.cap = 1 if i % 2 else None  # as if contention came and went between calls
+                ids, mask = padded(seed)
+                compiled(ids, attention_mask=mask)
+                if i == 1:
+                    graphs = counters["stats"]["unique_graphs"]
+        assert counters["stats"]["unique_graphs"] == graphs
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_compiled_dispatch_reads_the_config_switch_as_a_constant():
     """Regression (torch 2.11): compiled transformers code looks ``config._attn_implementation`` up in
     the interfaces' dicts (``create_causal_mask``: ``... not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping``),

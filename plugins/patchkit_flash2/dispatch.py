@@ -29,6 +29,7 @@ import torch
 
 from patchkit import UnsupportedError
 from patchkit.attention_backends import AttentionBackend
+from patchkit.padded import PaddedBuffers
 
 from . import layout as L
 
@@ -72,41 +73,25 @@ class Prefill:
     index: torch.Tensor  # flat indices (into batch * length) of the packed tokens
     batch: int
     length: int
-    buffers: list[torch.Tensor | None] = field(default_factory=lambda: [None, None])  # reusable padded K/V
+    buffers: PaddedBuffers = field(init=False)
+
+    def __post_init__(self) -> None:
+        from transformers.cache_utils import DynamicLayer  # concatenates: its update copies
+
+        self.buffers = PaddedBuffers(self.index, self.batch, self.length, copying=DynamicLayer)
 
     def write(self, module: Any, key: torch.Tensor, value: torch.Tensor) -> None:
         """``cache.update`` with this layer's keys and values in the padded layout.
 
-        Each is one zero-filled ``[batch, length, H, D]`` buffer with the tokens copied in, handed
-        over as its ``[batch, H, length, D]`` view: the memory layout of the host's own keys (the
-        projection viewed and transposed), so later ``torch.cat`` steps behave as unpatched. The
-        next layer rewrites the same buffers' valid rows (padding stays zero) when the cache copied
-        them, as transformers' ``DynamicLayer`` does; a cache that kept them gets fresh ones.
+        Each is a ``[batch, length, H, D]`` buffer, zeros on padding, with the tokens copied in,
+        handed over as its ``[batch, H, length, D]`` view: the memory layout of the host's own keys
+        (the projection viewed and transposed), so later ``torch.cat`` steps behave as unpatched.
+        The buffers are zeroed once per forward where the cache copies them
+        (:class:`patchkit.padded.PaddedBuffers`).
         """
-        padded = []
-        for slot, x in enumerate((key, value)):
-            tokens, buffer = x[0].transpose(0, 1), self.buffers[slot]
-            if buffer is None or buffer.shape[2:] != tokens.shape[1:] or buffer.dtype != tokens.dtype:
-                buffer = L.repad(tokens, self.index, self.batch, self.length)
-            else:
-                buffer.view(-1, *tokens.shape[1:]).index_copy_(0, self.index, tokens)
-            padded.append(buffer)
-        self.cache.update(padded[0].transpose(1, 2), padded[1].transpose(1, 2), module.layer_idx)
-        layers = getattr(self.cache, "layers", None)
-        layer = layers[module.layer_idx] if isinstance(layers, list) and module.layer_idx < len(layers) else None
-        self.buffers = list(padded) if _copied_into(layer, padded) else [None, None]
-
-
-def _copied_into(layer: Any, padded: list[torch.Tensor]) -> bool:
-    """True when ``layer`` is transformers' ``DynamicLayer`` and holds copies of ``padded`` (its
-    ``update`` concatenates), so the buffers may be overwritten; a cache that kept a reference does not."""
-    from transformers.cache_utils import DynamicLayer
-
-    if type(layer) is not DynamicLayer:
-        return False
-    held = (getattr(layer, "keys", None), getattr(layer, "values", None))
-    ptrs = {z.untyped_storage().data_ptr() for z in padded}
-    return all(isinstance(z, torch.Tensor) and z.untyped_storage().data_ptr() not in ptrs for z in held)
+        k, v = (self.buffers.padded(slot, x[0].transpose(0, 1)) for slot, x in enumerate((key, value)))
+        self.cache.update(k.transpose(1, 2), v.transpose(1, 2), module.layer_idx)
+        self.buffers.updated(self.cache, module.layer_idx)
 
 
 def warn_once(kind: str, message: str) -> None:

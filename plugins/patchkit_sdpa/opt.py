@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from patchkit import PatchContext, UnsupportedError
+from patchkit.padded import PaddedBuffers
 from patchkit.threads import governed
 
 from ._fingerprint import require_known
@@ -129,7 +130,9 @@ class _Prefill:
         self.packing = packing
         self.tails: list[int] = []  # rows whose last position is padding but which hold tokens
         self.tail_keep: torch.Tensor | None = None  # [1, 1, tails, N]: each tail's row's packed keys
-        self.buffers: list[torch.Tensor | None] = [None, None]  # padded K/V of the last layer, reusable
+        from transformers.cache_utils import DynamicLayer  # concatenates: its update copies
+
+        self.buffers = PaddedBuffers(packing.index, packing.batch, packing.length, copying=DynamicLayer)
         if keep is not None and packing.index is not None:
             cu = packing.cu_seqlens.tolist()
             last = keep[:, -1].tolist()
@@ -141,23 +144,11 @@ class _Prefill:
 
     def _write_cache(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, heads: int, dim: int) -> None:
         """``cache.update`` (the host's own dispatch point) with ``[B, heads, T, D]`` keys/values, zeros
-        where padded. The padded buffers are reused by the next layer (only valid rows rewritten)
-        when the cache copied them, as transformers' ``DynamicLayer`` does: one zero-filled
-        allocation per forward instead of two per layer."""
-        b, t = self.packing.batch, self.packing.length
-        padded: list[torch.Tensor] = []
-        for slot, z in enumerate((k, v)):
-            buffer = self.buffers[slot]
-            if buffer is None or self.packing.index is None:
-                buffer = unpack(z, self.packing)
-            else:
-                buffer.view(b * t, -1).index_copy_(0, self.packing.index, z)
-            padded.append(buffer)
-        pk, pv = (z.view(b, t, heads, dim).transpose(1, 2) for z in padded)
-        self.cache.update(pk, pv, layer_idx)
-        layers = getattr(self.cache, "layers", None)
-        layer = layers[layer_idx] if isinstance(layers, list) and layer_idx < len(layers) else None
-        self.buffers = list(padded) if _copied_into(layer, padded) else [None, None]
+        where padded; the buffers are zeroed once per forward where the cache copies them
+        (:class:`patchkit.padded.PaddedBuffers`)."""
+        pk, pv = (self.buffers.padded(slot, z.view(-1, heads, dim)) for slot, z in enumerate((k, v)))
+        self.cache.update(pk.transpose(1, 2), pv.transpose(1, 2), layer_idx)
+        self.buffers.updated(self.cache, layer_idx)
 
     def attend(self, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
         """Causal attention of the valid tokens, the cache write, and the tails' attention."""
@@ -175,18 +166,6 @@ class _Prefill:
         kt, vt = (z.view(1, n, heads, dim).transpose(1, 2) for z in (k, v))
         o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=self.tail_keep, dropout_p=dropout_p, scale=1.0)
         return torch.cat([out, o.transpose(1, 2).reshape(nt, heads * dim)])
-
-
-def _copied_into(layer: Any, padded: list[torch.Tensor]) -> bool:
-    """True when ``layer`` is transformers' ``DynamicLayer`` and holds copies of ``padded`` (its
-    ``update`` concatenates), so the buffers may be overwritten; a cache that kept a reference does not."""
-    from transformers.cache_utils import DynamicLayer
-
-    if type(layer) is not DynamicLayer:
-        return False
-    held = (getattr(layer, "keys", None), getattr(layer, "values", None))
-    ptrs = {z.untyped_storage().data_ptr() for z in padded}
-    return all(isinstance(z, torch.Tensor) and z.untyped_storage().data_ptr() not in ptrs for z in held)
 
 
 def _attend(

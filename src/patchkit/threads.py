@@ -139,6 +139,16 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def _dynamo_active() -> bool:
+    """True in eager code that runs between the graphs of a ``torch.compile``'d call (dynamo's frame
+    callback is installed): changing the count there would make its graphs recompile."""
+    try:
+        from torch._C._dynamo.eval_frame import get_eval_frame_callback
+    except ImportError:  # builds without dynamo
+        return False
+    return get_eval_frame_callback() not in (None, False)
+
+
 class Governor:
     """The thread count packed regions use on this machine now (one per process: it describes the
     machine, not a model)."""
@@ -188,13 +198,14 @@ class Governor:
     @contextlib.contextmanager
     def region(self, x: torch.Tensor) -> Iterator[None]:
         """Run the body with the thread count this machine affords now (see the module docstring)."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or _dynamo_active():
+            yield  # graphs (and eager code between their breaks): a count change would recompile them
+            return
         most = torch.get_num_threads()
         if (
             x.device.type != "cpu"
             or most <= 1
             or os.environ.get("PATCHKIT_ADAPT_THREADS", "1") == "0"
-            or torch.compiler.is_compiling()
-            or torch.jit.is_tracing()
             or not self._one_region.acquire(blocking=False)  # nested, or running in another thread
         ):
             yield
