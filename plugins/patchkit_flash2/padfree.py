@@ -105,7 +105,7 @@ class PatchedForward:
         anchor = next((kw[n] for n in ("input_ids", "inputs_embeds") if isinstance(kw.get(n), torch.Tensor)), None)
         try:
             # on a busy CPU, packed prefills and padded steps alike run on the free cores only
-            with governed(anchor) if anchor is not None else contextlib.nullcontext():
+            with governed(anchor):
                 return self._call(config, kw, state)
         finally:
             dispatch.ACTIVE.reset(token)

@@ -82,12 +82,7 @@ def foreign_hooks(module: Any) -> list[str]:
     """Names of forward/backward hooks (pre, post, with kwargs) on ``module``, other than transformers'
     inert output-capturing ones."""
     d = getattr(module, "__dict__", {})
-    if not (
-        d.get("_forward_hooks")
-        or d.get("_forward_pre_hooks")
-        or d.get("_backward_hooks")
-        or d.get("_backward_pre_hooks")
-    ):
+    if not any(d.get(attr) for attr in _HOOK_DICTS):
         return []  # the common case, checked for every module on every packed forward
     found = []
     for attr in _HOOK_DICTS:

@@ -16,7 +16,6 @@ also gets an instance ``forward`` that skips the all-zero rows the packed path l
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import types
@@ -303,7 +302,7 @@ def packed_forward(
         original = type(self).forward.__get__(self)
         anchor = input_ids if input_ids is not None else inputs_embeds
         # decode steps too: on a busy CPU they run on the free cores only
-        with governed(anchor) if isinstance(anchor, torch.Tensor) else contextlib.nullcontext():
+        with governed(anchor if isinstance(anchor, torch.Tensor) else None):
             return original(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

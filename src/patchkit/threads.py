@@ -159,7 +159,6 @@ class Governor:
         self.last_probe = 0.0
         self.next_measure = 0.0
         self.pending: tuple[int, float, float] = (0, 0.0, 0.0)  # (threads, waited, wall) not yet decided on
-        self.decisions = 0  # how many times the count changed (for tests and benchmarks)
         # One governed region at a time in the process: torch's count is process-wide bookkeeping,
         # so a second region (nested, or in another thread) runs as it is, neither measured nor changed.
         self._one_region = threading.Lock()
@@ -183,17 +182,12 @@ class Governor:
             # At a lowered count only more waiting says something (fewer free cores); no waiting
             # does not mean the competitor left: the probes find that out.
             if choice < used:
-                self._set(choice)
+                self.cap = choice
             return
         self.probing = False
-        self._set(choice if choice < most else None)
+        self.cap = choice if choice < most else None
         if choice < most:
             self.last_probe = time.perf_counter()
-
-    def _set(self, cap: int | None) -> None:
-        if cap != self.cap:
-            self.cap = cap
-            self.decisions += 1
 
     @contextlib.contextmanager
     def region(self, x: torch.Tensor) -> Iterator[None]:
@@ -237,7 +231,8 @@ class Governor:
 governor = Governor()
 
 
-def governed(x: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+def governed(x: torch.Tensor | None) -> contextlib.AbstractContextManager[None]:
     """Context for a packed region computing on ``x``'s device: on a busy CPU, runs it on the free
-    cores (never more threads than ``torch.get_num_threads()``, restored afterwards)."""
-    return governor.region(x)
+    cores (never more threads than ``torch.get_num_threads()``, restored afterwards). ``x=None``
+    (no tensor to tell the device): the body runs as it is."""
+    return governor.region(x) if x is not None else contextlib.nullcontext()
