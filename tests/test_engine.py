@@ -113,7 +113,7 @@ def test_check_must_not_mutate():
         ctx.set_attr(module, "x", 1)
 
     model = small_model()
-    with pytest.raises(RuntimeError, match="while planning"):
+    with pytest.raises(patchkit.PluginError, match="tried to change the model in check"):
         patchkit.apply(model, patch="scale", registry=registry_with(scaled_linear_patcher(check=check)))
     assert not patchkit.is_patched(model)
 

@@ -7,6 +7,7 @@ import os
 import pathlib
 import re
 import shutil
+from typing import Any
 
 import pytest
 import torch
@@ -107,7 +108,8 @@ def _out(model: nn.Module) -> torch.Tensor:
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     named = dict(model.named_parameters(remove_duplicate=False))
     named.update(dict(model.named_buffers(remove_duplicate=False)))
-    return named
+    # keep_original's zero-element marker (follows casts) is not part of the model's state
+    return {k: v for k, v in named.items() if not k.endswith("._patchkit_kept_as")}
 
 
 def _assert_same_tensors(a: nn.Module, b: nn.Module) -> None:
@@ -299,9 +301,10 @@ def test_reverse_from_checkpoint_is_bit_identical(
     layers = [m for m in model.modules() if record_of(m) is not None]
     assert layers
     for layer in layers:  # nothing kept in memory or on disk; the freed weight is empty
-        record = record_of(layer)
-        assert record is not None and record.kept is None and record.kept_file is None and record.freed
-        assert record.checkpoint is not None and record.checkpoint.digest
+        record, kept = record_of(layer), _kept(model, layer)
+        assert record is not None and record.freed
+        assert kept.mode == "checkpoint" and not kept.values and kept.file is None
+        assert kept.sources["weight"].digest
     assert all("re-reads it bit-identical" in " ".join(s.notes) for s in report.swaps)
     patchkit.reverse(model)
     _assert_same_tensors(model, ref)
@@ -311,6 +314,27 @@ def test_reverse_from_checkpoint_is_bit_identical(
     assert sorted(os.listdir(tmp_path / "a")) == names
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def _kept(model: Any, layer: Any) -> Any:
+    """What patchkit kept of the original that ``layer`` replaced (keep_original)."""
+    from patchkit.journal import _Replace, find_journal
+
+    found = find_journal(model)
+    assert found is not None
+    entries = [e for layer_ in found[1].layers for e in layer_.entries if isinstance(e, _Replace)]
+    kept = next(e.kept for e in entries if e.replacement is layer)
+    assert kept is not None
+    return kept
+
+
+def _all_kept(model: Any) -> list[Any]:
+    """Everything patchkit kept of the originals (keep_original), in journal order."""
+    from patchkit.journal import _Replace, find_journal
+
+    found = find_journal(model)
+    assert found is not None
+    return [e.kept for layer_ in found[1].layers for e in layer_.entries if isinstance(e, _Replace) and e.kept]
 
 
 def _shard_of(folder: pathlib.Path, key: str) -> pathlib.Path:
@@ -330,10 +354,10 @@ def test_reverse_from_checkpoint_refused_when_files_changed(
     shard = _shard_of(folder, key)
     original = shard.read_bytes()
     if change == "bytes":  # flip one byte inside the tensor data, same size
-        record = record_of(model.model.decoder.layers[0].fc1)
-        assert record is not None and record.checkpoint.key == key
+        source = _kept(model, model.model.decoder.layers[0].fc1).sources["weight"]
+        assert source.key == key
         data = bytearray(original)
-        data[record.checkpoint.begin + 5] ^= 0xFF
+        data[source.begin + 5] ^= 0xFF
         shard.write_bytes(bytes(data))
     else:
         shard.write_bytes(original + b"\0" * 16)
@@ -488,7 +512,7 @@ def test_loaded_tensors_do_not_depend_on_the_files(
     kwargs = {} if keep is None else {"keep_original": keep}
     model = patchkit.from_pretrained(_cls("opt"), folder, quantize="nf4", **kwargs)
     held = list(_tensors(model).values())
-    kept = [r.kept for m in model.modules() if (r := record_of(m)) is not None and r.kept is not None]
+    kept = [v for k in _all_kept(model) for v in k.values.values()]
     assert bool(kept) == (keep == "cpu")
     _assert_not_file_backed(held + kept, folder)
     for shard in folder.glob("*.safetensors"):

@@ -36,7 +36,9 @@ def digest(folder: Path) -> dict[str, str]:
 def test_save_refused_while_patched_and_byte_identical_after_reverse(tmp_path):
     model, twin = tiny_llama(), tiny_llama()
     before = snapshot(model)
-    patchkit.apply(model, patch="scale", registry=registry_with(scaled_linear_patcher()))
+    # A declared difference is always refused (a declared sameness is verified, never trusted).
+    patcher = scaled_linear_patcher(same_checkpoint=False)
+    patchkit.apply(model, patch="scale", registry=registry_with(patcher))
     with pytest.raises(PatchedModelError, match=r"patchkit.reverse\(model\)"):
         model.save_pretrained(tmp_path / "patched")
     with pytest.raises(PatchedModelError, match="push_to_hub"):
@@ -48,6 +50,14 @@ def test_save_refused_while_patched_and_byte_identical_after_reverse(tmp_path):
     assert "save_pretrained" not in model.__dict__
     model.save_pretrained(tmp_path / "reversed")
     assert digest(tmp_path / "reversed") == digest(tmp_path / "twin")
+
+
+def test_a_parameter_sharing_patch_saves_the_original_checkpoint(tmp_path):
+    model, twin = tiny_llama(), tiny_llama()
+    patchkit.apply(model, patch="scale", registry=registry_with(scaled_linear_patcher()))
+    model.save_pretrained(tmp_path / "patched")  # verified: the state dict is the original's
+    twin.save_pretrained(tmp_path / "twin")
+    assert digest(tmp_path / "patched") == digest(tmp_path / "twin")
 
 
 def test_reverse_works_when_wrapped_by_peft_after_patching():

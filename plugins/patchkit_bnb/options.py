@@ -12,11 +12,9 @@ Names (all optional):
   default True.
 - ``quant_storage`` (4-bit): dtype the packed 4-bit values are stored in, default torch.uint8.
 - ``blocksize`` (4-bit): values per absmax block, default 64.
-- ``keep_original``: ``None`` (default: free the original weight, reverse dequantizes into it),
-  ``"cpu"`` (keep it in RAM; reverse is bit-identical) or a directory path (keep it there as
-  safetensors; reverse is bit-identical and deletes the file), or ``"checkpoint"`` (only with
-  ``patchkit.from_pretrained``: nothing is kept, reverse reads the original weights back from the
-  checkpoint files, bit-identical, and refuses if they changed since loading).
+- ``keep_original`` is patchkit's own option (:mod:`patchkit.keep`), not this plugin's: without it
+  the original weight is freed and reverse dequantizes into it; with it patchkit keeps the weight
+  and reverse is bit-identical.
 - ``cpu_packing`` (4-bit, default False): let bitsandbytes repack 4-bit weights for its
   AVX512-BF16 CPU kernel on the first inference forward (about 1.5x faster CPU inference; PEFT's
   merge cannot read repacked weights).
@@ -26,7 +24,6 @@ Names (all optional):
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,8 +52,6 @@ OPTION_DOCS = {
     "double_quant": "alias of compress_statistics",
     "quant_storage": "4-bit: dtype the packed values are stored in (default torch.uint8)",
     "blocksize": "4-bit: values per absmax block (default 64)",
-    "keep_original": "None (free; reverse dequantizes), 'cpu', a folder, or 'checkpoint' (patchkit.from_pretrained: "
-    "reverse re-reads the checkpoint files); all but None reverse bit-identical",
     "cpu_packing": "4-bit: allow bitsandbytes' AVX512-BF16 CPU repacking (default False)",
     "skip_defaults": "leave lm_head, tied weights and _keep_in_fp32_modules full precision (default True)",
     "has_fp16_weights": "not offered (refused with the reason)",
@@ -72,7 +67,6 @@ class Options:
     compress_statistics: bool = True
     quant_storage: torch.dtype = torch.uint8
     blocksize: int = 64
-    keep_original: str | None = None  # None, "cpu", "checkpoint" or a directory
     skip_defaults: bool = True
     cpu_packing: bool = False
     int8_cpu_kernel: str = "dequant"
@@ -109,22 +103,12 @@ def read_options(ctx: PatchContext) -> Options:
     kernel = ctx.option("int8_cpu_kernel", "dequant")
     if kernel not in ("dequant", "llm_int8"):
         raise UnsupportedError(f"option int8_cpu_kernel={kernel!r} must be 'dequant' (default) or 'llm_int8'")
-    keep = ctx.option("keep_original")
-    if keep is not None:
-        keep = os.fspath(keep)
-        if keep not in ("cpu", "checkpoint"):
-            if os.path.exists(keep) and not os.path.isdir(keep):
-                raise UnsupportedError(f"keep_original={keep!r} exists and is not a directory; pass 'cpu' or a folder")
-            parent = keep if os.path.isdir(keep) else os.path.dirname(os.path.abspath(keep))
-            if not os.access(parent, os.W_OK):
-                raise UnsupportedError(f"keep_original={keep!r}: {parent!r} is not writable")
     return Options(
         threshold=float(threshold),
         compute_dtype=None if compute is None else _dtype(compute, "compute_dtype"),
         compress_statistics=compress,
         quant_storage=storage,
         blocksize=blocksize,
-        keep_original=keep,
         skip_defaults=bool(ctx.option("skip_defaults", True)),
         cpu_packing=bool(ctx.option("cpu_packing", False)),
         int8_cpu_kernel=kernel,

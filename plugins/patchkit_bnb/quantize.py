@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import os
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -16,7 +15,6 @@ from torch import nn
 from patchkit import PatchContext, PatchedModelError, UnsupportedError
 
 from .dequantize import fourbit_weight, int8_weight
-from .keep import keep_in_ram, keep_on_disk
 from .options import Options, read_options
 from .record import DTYPE_MARKER, RECORD_ATTR, QuantRecord
 from .runtime import load_bnb, unsupported_tensor
@@ -172,27 +170,10 @@ def make_build(family: str) -> Callable[[nn.Module, PatchContext], nn.Module]:
         )
         layer.__dict__[RECORD_ATTR] = record
         if free:
-            if opts.keep_original == "checkpoint":
-                source = ctx.checkpoint_source(original)
-                if source is None or source.digest is None:
-                    raise UnsupportedError(
-                        "keep_original='checkpoint' reads the original weights back from the files the model was "
-                        "loaded from: load it with patchkit.from_pretrained(..., quantize=..., "
-                        "keep_original='checkpoint'), or use keep_original='cpu' or a folder here"
-                    )
-                record.checkpoint = source
-                ctx.note(
-                    f"{family}: original is in {os.path.basename(source.file)} ({source.key}), reverse re-reads it "
-                    f"bit-identical (dequantized {error_text(error)})"
-                )
-            elif opts.keep_original == "cpu":
-                record.kept = keep_in_ram(kept_weight)
-                ctx.note(f"{family}: original kept in RAM, reverse is bit-identical (dequantized {error_text(error)})")
-            elif opts.keep_original is not None:
-                record.kept_file = keep_on_disk(kept_weight, opts.keep_original, ctx.path)
-                ctx.note(f"{family}: original kept in {record.kept_file}, reverse is bit-identical")
-            else:
+            if ctx.keep_original is None:
                 ctx.note(f"{family}: reverse dequantizes, {error_text(error)}")
+            else:  # patchkit keeps the original itself (and says where in the report)
+                ctx.note(f"{family}: dequantized {error_text(error)}")
             # Free the full-precision copy once the whole apply succeeded; the Parameter object
             # stays and is refilled on reverse.
             ctx.on_commit(functools.partial(free_original, original, record))

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,21 +34,13 @@ class QuantRecord:
     freed: bool
     error: float
     canonical: Any = None
-    kept: torch.Tensor | None = None
-    kept_file: str | None = None
     transposed: bool = False  # transformers' Conv1D: the quantized matrix is the weight transposed
-    checkpoint: Any = None  # keep_original="checkpoint": the patchkit.TensorSource the weight was read from
 
     def __deepcopy__(self, memo: dict[int, Any]) -> QuantRecord:
-        # A deep-copied model reverses on its own: it gets its own kept file (reverse deletes it).
         new = QuantRecord.__new__(QuantRecord)
         memo[id(self)] = new
         for key, value in self.__dict__.items():
             new.__dict__[key] = value if key in ("source", "dtype") else copy.deepcopy(value, memo)
-        if self.kept_file is not None and os.path.exists(self.kept_file):
-            stem = self.kept_file.rsplit(".", 2)[0]
-            new.kept_file = f"{stem}.{uuid.uuid4().hex[:12]}.safetensors"
-            shutil.copyfile(self.kept_file, new.kept_file)
         return new
 
 

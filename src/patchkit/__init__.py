@@ -11,19 +11,9 @@ from __future__ import annotations
 from .attention_backends import AttentionBackend
 from .checkpoint import TensorSource
 from .demo import Demo, DemoCase
-from .engine import (
-    PatchkitWarning,
-    PatchReport,
-    Swap,
-    applied,
-    apply,
-    is_patched,
-    patched,
-    plan,
-    reverse,
-    save_pretrained,
-)
+from .engine import applied, apply, is_patched, patched, plan, reverse, save_pretrained
 from .errors import (
+    ArgumentError,
     ConflictError,
     NotPatchedError,
     PatchedModelError,
@@ -35,6 +25,7 @@ from .hookspecs import hookimpl
 from .loading import from_pretrained
 from .modules import share_as
 from .patcher import PatchContext, Patcher, Requirements
+from .pipeline import PatchkitWarning, PatchReport, Swap
 from .planning import Plan
 from .registry import PluginInfo, Registry, default_registry
 
@@ -49,6 +40,7 @@ def plugins() -> list[PluginInfo]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
     "AttentionBackend",
     "ConflictError",
     "Demo",

@@ -185,6 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     except PatchError as exc:
         print(f"patchkit {args.command}: {type(exc).__name__}: {_for_the_cli(str(exc))}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        origin = getattr(exc, "patchkit_origin", None)
+        if origin is None:  # not a plugin's: a bug in patchkit itself, shown with its traceback
+            raise
+        print(
+            f"patchkit {args.command}: {origin} raised {type(exc).__name__}: {exc}. This is a bug in that plugin: "
+            "report it to its authors, or disable it with PATCHKIT_DISABLE_PLUGINS",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

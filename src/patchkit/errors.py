@@ -28,3 +28,7 @@ class PatchedModelError(PatchError):
 
 class PluginError(PatchError):
     """A plugin failed to load or registered something invalid."""
+
+
+class ArgumentError(PatchError, TypeError):
+    """An argument of the wrong type or form (e.g. ``only=123``); the message says what is expected."""

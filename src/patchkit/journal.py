@@ -31,6 +31,7 @@ from torch import nn
 from .errors import ConflictError, PatchedModelError
 
 if TYPE_CHECKING:
+    from .keep import Kept
     from .patcher import PatchContext, Patcher
 
 JOURNAL_ATTR = "_patchkit_journal"
@@ -69,20 +70,47 @@ class _Replace:
     edges: list[tuple[nn.Module, str]]
     patcher: Patcher | None = None  # its ``restore`` runs first on reverse
     ctx: PatchContext | None = None
+    kept: Kept | None = None  # keep_original: what the core kept of the original
 
-    def prepare(self) -> Callable[[], None] | None:
-        """Run the patcher's restore (API >= 1.1: gathers and returns a commit, changes nothing)."""
-        if self.patcher is None or self.patcher.restore is None:
+    def prepare(self, rollback: bool = False) -> Any:
+        """Gather what undoing needs, changing nothing: the kept values (``keep_original``) and the
+        patcher's restore step (API >= 1.1). A rollback needs neither: nothing destructive ran, the
+        original is intact, so the patcher's ``restore`` is never called then."""
+        if rollback:
             return None
-        assert self.ctx is not None
-        commit = self.patcher.restore(self.original, self.replacement, self.ctx)
-        return commit if callable(commit) else None
+        where = self.ctx.path if self.ctx is not None else ""
+        values = None
+        if self.kept is not None and not self.kept.done and self.kept.unchanged(self.replacement):
+            values = self.kept.gather(where or "<root>")
+        step = None
+        if self.patcher is not None and self.patcher.restore is not None:
+            assert self.ctx is not None
+            self.ctx.phase = "restore"
+            result = self.patcher.restore(self.original, self.replacement, self.ctx)
+            step = result if callable(result) else None
+        return step, values
 
-    def commit(self, prepared: Callable[[], None] | None) -> None:
-        if prepared is not None:
-            prepared()
-        # The original missed any train()/eval() call made while it was detached.
-        self.original.training = self.replacement.training
+    def commit(self, prepared: Any, rollback: bool = False) -> None:
+        if rollback:
+            if self.kept is not None:
+                self.kept.discard()
+        else:
+            step, values = prepared if prepared is not None else (None, None)
+            if step is not None:
+                step()
+            if self.kept is not None and not self.kept.done:
+                # Last, so that nothing a patcher's restore writes can change the kept bytes.
+                if values is not None:
+                    self.kept.put_back(values, self.replacement)
+                    note = "reverse: original put back bit-identical from what patchkit kept"
+                else:
+                    self.kept.discard()
+                    note = "reverse: the replacement's weights were replaced since apply; the kept original was dropped"
+                if self.ctx is not None:
+                    self.ctx.note(note)
+            # The original missed any train()/eval() call made while it was detached (a rollback's
+            # replacement never served: the original keeps its own mode).
+            self.original.training = self.replacement.training
         for parent, name in self.edges:
             parent._modules[name] = self.original
 
@@ -112,10 +140,10 @@ class _SetAttr:
     name: str
     old: Any
 
-    def prepare(self) -> None:
+    def prepare(self, rollback: bool = False) -> None:
         return None
 
-    def commit(self, prepared: None) -> None:
+    def commit(self, prepared: None, rollback: bool = False) -> None:
         if self.old is _MISSING:
             # Never set (an interrupt between record and change) is the same as undone.
             if self.name in getattr(self.obj, "__dict__", {}):
@@ -135,10 +163,10 @@ class _Call:
     undo_fn: Callable[[], None]
     what: str
 
-    def prepare(self) -> None:
+    def prepare(self, rollback: bool = False) -> None:
         return None
 
-    def commit(self, prepared: None) -> None:
+    def commit(self, prepared: None, rollback: bool = False) -> None:
         self.undo_fn()
 
     def describe(self) -> str:
@@ -204,9 +232,10 @@ class Journal:
         edges: list[tuple[nn.Module, str]],
         patcher: Patcher | None = None,
         ctx: PatchContext | None = None,
+        kept: Kept | None = None,
     ) -> None:
         """Put ``replacement`` at every ``(parent, name)`` edge that held ``original``."""
-        entry = _Replace(original, replacement, list(edges), patcher, ctx)
+        entry = _Replace(original, replacement, list(edges), patcher, ctx, kept)
         self._entries.append(entry)  # intent first: undoing a swap that never happened is harmless
         for parent, name in entry.edges:
             parent._modules[name] = replacement
@@ -242,15 +271,18 @@ class Journal:
                         raise ConflictError(f"cannot reverse exactly: {problem}")
                     undone_later[id(entry.replacement)] = entry.original
 
-    def prepare(self, layers: list[Layer] | None = None) -> list[tuple[Layer, list[Any]]]:
+    def prepare(self, layers: list[Layer] | None = None, *, rollback: bool = False) -> list[tuple[Layer, list[Any]]]:
         """Phase one of undoing ``layers`` (default: all; newest first): every entry's restore gathers
-        what it needs. Changes nothing; raises if any restore cannot succeed."""
+        what it needs. Changes nothing; raises if any restore cannot succeed. ``rollback``: undoing a
+        failed apply, whose originals are intact: no restore runs."""
         chosen = list(layers) if layers is not None else list(reversed(self.layers))
         if len(chosen) == len(self.layers):
             chosen.append(self.base)  # the last layer goes: the guard goes too
+        if rollback:
+            return [(layer, [entry.prepare(rollback=True) for entry in layer.entries]) for layer in chosen]
         return [(layer, [entry.prepare() for entry in layer.entries]) for layer in chosen]
 
-    def commit(self, prepared: list[tuple[Layer, list[Any]]]) -> None:
+    def commit(self, prepared: list[tuple[Layer, list[Any]]], *, rollback: bool = False) -> None:
         """Phase two: undo the prepared layers' entries newest first, dropping each once undone.
 
         If one fails, what was undone is dropped and the rest stays recorded (still patched, still
@@ -258,14 +290,18 @@ class Journal:
         """
         for layer, ready in prepared:
             while layer.entries:
-                layer.entries[-1].commit(ready[len(layer.entries) - 1])
+                entry, prepared_entry = layer.entries[-1], ready[len(layer.entries) - 1]
+                if rollback:
+                    entry.commit(prepared_entry, rollback=True)
+                else:
+                    entry.commit(prepared_entry)
                 layer.entries.pop()
             if layer is not self.base:
                 self.layers = [other for other in self.layers if other is not layer]
 
-    def undo(self, layer: Layer) -> None:
-        """Undo one layer (both phases)."""
-        self.commit(self.prepare([layer]))
+    def undo(self, layer: Layer, *, rollback: bool = False) -> None:
+        """Undo one layer (both phases); ``rollback`` for a failed apply (no restore runs)."""
+        self.commit(self.prepare([layer], rollback=rollback), rollback=rollback)
 
     def independent(self, layer: Layer) -> str | None:
         """Why ``layer`` cannot be undone before the layers applied after it, or ``None``."""

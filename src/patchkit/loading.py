@@ -37,24 +37,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import gc_paused, run_all
 from .checkpoint import Checkpoint, Entry, ShardReader, Shared, TensorSource, open_checkpoint
-from .engine import (
-    PatchkitWarning,
-    PatchReport,
-    Swap,
-    _check_not_applied,
-    _gc_paused,
-    _guard_saving,
-    _journal_for,
-    _run_stage,
-    _stage_key,
-    run_setups,
-)
 from .errors import UnsupportedError
-from .patcher import PatchContext
-from .planning import Skipped, Stage, build_plan, check_requirements, plan_family, requested_stages
+from .pipeline import PatchkitWarning, PatchReport, Run, check_not_applied
+from .planning import Request, Stage, build_plan, check_requirements, requested_stages
 from .registry import Registry, default_registry
-from .tree import Node, compile_patterns
 
 CHECKPOINT_OPTION = "checkpoint"  # keep_original="checkpoint": fingerprint the tensors the quantizer takes
 
@@ -108,15 +96,16 @@ def from_pretrained(
     model, or ``(model, report)`` with ``return_report=True`` (``report`` is ``None`` when nothing
     was requested). Progress is shown on a terminal (``progress=True/False`` forces it).
     """
-    registry = registry or default_registry()
     stages = requested_stages(attention, quantize, patch)
+    request = Request.make(
+        stages, registry=registry or default_registry(), backend=backend, strict=strict, only=only, skip=skip,
+        options=options,
+    )
     target = _target_device(device_map, device)
     checkpoint = open_checkpoint(path)
     model, dtype_plan = _build_meta(model_class, path, checkpoint, config, dtype, attn_implementation)
-    with _gc_paused():
-        report = _load(
-            model, checkpoint, target, dtype_plan, stages, backend, only, skip, strict, registry, options, progress
-        )
+    with gc_paused():
+        report = _load(model, checkpoint, target, dtype_plan, request, progress)
     return (model, report) if return_report else model
 
 
@@ -247,13 +236,7 @@ def _load(
     checkpoint: Checkpoint,
     target: torch.device,
     dtype_plan: dict[str, torch.dtype],
-    stages: list[tuple[str, str]],
-    backend: str,
-    only: Any,
-    skip: Any,
-    strict: bool,
-    registry: Registry,
-    options: dict[str, Any],
+    request: Request,
     progress: bool | None,
 ) -> PatchReport | None:
     # -- the model's tensors against the checkpoint's (names, shapes, dtypes): nothing read yet ----------
@@ -301,52 +284,24 @@ def _load(
         )
 
     # -- plan every stage on the meta model: plan-time refusals raise here ------------------------------
-    report: PatchReport | None = None
-    pre = [s for s in stages if s[0] == "attention"]
-    quant = [s for s in stages if s[0] == "quantize"]
-    post = [s for s in stages if s[0] == "other"]
-    journal = layer = None
-    swaps: list[Swap] = []
-    skipped: list[Skipped] = []
-    notes: list[str] = []
-    commits: list[Callable[[], None]] = []
+    stages = request.stages
+    pre = [i for i, s in enumerate(stages) if s[0] == "attention"]
+    quant = [i for i, s in enumerate(stages) if s[0] == "quantize"]
+    post = [i for i, s in enumerate(stages) if s[0] == "other"]
+    run: Run | None = None
     built: list[Stage] = []
     deferred: Stage | None = None
-    only_p, skip_p = compile_patterns(only), compile_patterns(skip)
     if stages:
-        _check_not_applied(model, stages)
-        upfront = build_plan(
-            model,
-            stages,
-            only=only,
-            skip=skip,
-            strict=strict,
-            backend=backend,
-            options=options,
-            registry=registry,
-        )
-        _, journal = _journal_for(model)
-        layer = journal.begin({_stage_key(k, f): f for k, f in stages})
-        _guard_saving(model, journal)
-        for index, (kind, family) in enumerate(pre):
-            stage = (
-                upfront.stages[index]
-                if index == 0
-                else plan_family(model, kind, family, only_p, skip_p, strict, backend, options, registry)
-            )
-            swaps += _run_stage(model, stage, journal, backend, options, registry, notes, False, commits)
-            layer.patchers.update({p.patcher_obj.qualname: p.patcher_obj for p in stage.patches})
-            skipped += stage.skipped
+        check_not_applied(model, stages)
+        upfront = build_plan(model, request, "check")
+        run = Run(model, request)
+        run.open_layer()  # the model is new: a failure discards it, nothing to roll back
+        for index in pre:  # attention patchers share parameters: built on the meta model
+            stage = upfront.stages[0] if index == 0 else run.plan(index)
+            run.run_stage(stage)
             built.append(stage)
         if quant:
-            kind, family = quant[0]
-            deferred = (
-                upfront.stages[len(pre)]
-                if not pre
-                else plan_family(model, kind, family, only_p, skip_p, strict, backend, options, registry)
-            )
-            layer.patchers.update({p.patcher_obj.qualname: p.patcher_obj for p in deferred.patches})
-            skipped += deferred.skipped
+            deferred = upfront.stages[quant[0]] if not pre else run.plan(quant[0])
 
     # -- what the checkpoint does not hold: created on the target device, initialised like transformers --
     slots = _slots(_all_modules(model, built + ([deferred] if deferred else [])))
@@ -364,11 +319,12 @@ def _load(
     initialize: Any = getattr(model, "initialize_weights", None)
     if fresh and callable(initialize):
         initialize()
-    if info.missing:
-        notes.append(
+    if info.missing and run is not None:
+        run.notes.append(
             f"initialised (not in the checkpoint): {', '.join(info.missing[:10])}"
             + (" ..." if len(info.missing) > 10 else "")
         )
+    if info.missing:
         warnings.warn(
             f"{len(info.missing)} tensor(s) of {type(model).__name__} are not in the checkpoint and were initialised "
             f"by the model's initialize_weights: {info.missing[:5]}{' ...' if len(info.missing) > 5 else ''}",
@@ -379,7 +335,7 @@ def _load(
     # -- stream: each quantize-stage module is built once its last tensor arrived -----------------------
     pending: dict[int, int] = {}
     owners: dict[int, list[int]] = {}  # id(meta tensor) -> deferred patch indices
-    fingerprint = options.get("keep_original") == CHECKPOINT_OPTION
+    fingerprint = request.keep_original == CHECKPOINT_OPTION
     sources: dict[int, tuple[torch.Tensor, TensorSource]] = {}
     if deferred is not None:
         for i, planned in enumerate(deferred.patches):
@@ -391,27 +347,26 @@ def _load(
             pending[i] = len(waiting)
             for ident in waiting:
                 owners.setdefault(ident, []).append(i)
-    quant_swaps: dict[int, Swap] = {}
     # A tensor only quantize-stage modules hold is read as a view of the file mapping (no copy): the
     # quantizer reads it and its commit frees it. Once every module holding it was built, what the
     # model still holds of it is copied out and its pages are dropped.
     shared_of: dict[int, list[_SharedTensor]] = {}  # deferred patch index -> its tensors still mapped
-    build_cache: dict[Any, Any] = {}  # ctx.cache of the deferred stage's builds (one per stage, as in apply)
     trimmer = _Trimmer()
 
     def ready(i: int) -> None:
-        assert deferred is not None and journal is not None
-        swap = _build_deferred(
-            model, deferred, i, journal, backend, options, registry, strict, sources, skipped, build_cache
-        )
-        if swap is not None:
-            quant_swaps[i] = swap
+        assert deferred is not None and run is not None
+        # Checked again now that its tensors arrived, built, and committed at once (the model is new:
+        # nothing to roll back to, the full-precision copy is freed here).
+        steps: list[Callable[[], None]] = []
+        run.build_patch(deferred, deferred.patches[i], recheck=True, sources=sources, commits=steps)
+        run_all(steps)
         for shared in shared_of.pop(i, ()):
             shared.waiting -= 1
             if shared.waiting == 0:
                 shared.finish()
         trimmer.maybe_trim()
 
+    first_streamed = len(run.swaps) if run is not None else 0
     for i, count in pending.items():
         if count == 0:
             ready(i)
@@ -456,32 +411,24 @@ def _load(
         raise UnsupportedError(f"these modules never received all their tensors: {unbuilt[:5]}")
 
     # -- setups, then the stages after the quantizer on the loaded model --------------------------------
-    if deferred is not None and journal is not None:
-        swaps += [quant_swaps[i] for i in sorted(quant_swaps)]
-        _run_setups(model, deferred, quant_swaps, journal, backend, options, registry, notes, commits)
-    for kind, family in post:
-        assert journal is not None and layer is not None
-        stage = plan_family(model, kind, family, only_p, skip_p, strict, backend, options, registry)
-        swaps += _run_stage(model, stage, journal, backend, options, registry, notes, False, commits)
-        layer.patchers.update({p.patcher_obj.qualname: p.patcher_obj for p in stage.patches})
-        skipped += stage.skipped
-    for stage in built:  # built on meta: their device requirements are checked on the loaded tensors
-        for planned in stage.patches:
-            check_requirements(planned.patcher_obj, planned.node.module)
-    for step in commits:
-        step()
+    report: PatchReport | None = None
+    if run is not None:
+        if deferred is not None:
+            # Built in the order the tensors arrived; reported in plan order, as apply reports them.
+            rank = {tuple(p.paths): i for i, p in enumerate(deferred.patches)}
+            streamed = sorted(run.swaps[first_streamed:], key=lambda swap: rank.get(tuple(swap.paths), -1))
+            run.swaps[first_streamed:] = streamed
+            run.finish_stage(deferred)
+        for index in post:
+            run.run_stage(run.plan(index))
+        for stage in built:  # built on meta: their device requirements are checked on the loaded tensors
+            for planned in stage.patches:
+                check_requirements(planned.patcher_obj, planned.node.module)
+        report = run.finish()
+        run.commit()
     _finish(model, checkpoint)
-    if layer is not None:
-        report = PatchReport(dict(layer.applied), swaps, skipped, notes)
-        layer.report = report
-        unsupported = [s for s in skipped if s.unsupported]
-        if unsupported:
-            lines = "\n".join(f"  {s.path or '<root>'} ({s.module_class}): {s.reason}" for s in unsupported[:10])
-            warnings.warn(
-                f"patchkit left {len(unsupported)} module(s) unpatched (strict=False):\n{lines}",
-                PatchkitWarning,
-                stacklevel=3,
-            )
+    if run is not None:
+        run.warn_unsupported()
     return report
 
 
@@ -498,55 +445,6 @@ def _dtype_rule(dtype_plan: dict[str, torch.dtype]) -> Callable[[str, torch.dtyp
         return dtype_plan[by_group[found.lastgroup]] if found is not None and found.lastgroup else dtype
 
     return rule
-
-
-def _build_deferred(
-    model: nn.Module,
-    stage: Stage,
-    index: int,
-    journal: Any,
-    backend: str,
-    options: dict[str, Any],
-    registry: Registry,
-    strict: bool,
-    sources: dict[int, tuple[torch.Tensor, TensorSource]],
-    skipped: list[Skipped],
-    cache: dict[Any, Any],
-) -> Swap | None:
-    """Check (now with real tensors) and build one planned patch, then run its commit steps at once."""
-    planned = stage.patches[index]
-    patcher, node = planned.patcher_obj, planned.node
-    common: dict[str, Any] = dict(
-        paths=tuple(node.paths), options=options, backend=backend, registry=registry, cache=cache
-    )
-    try:
-        check_requirements(patcher, node.module)
-        checking = PatchContext(model, patcher, sources=sources, **common)
-        reason = patcher.check(node.module, checking) if patcher.check else None
-        checking.release_sources()
-    except UnsupportedError as exc:
-        if strict:
-            raise UnsupportedError(f"cannot patch {planned.paths[0]} ({planned.module_class}): {exc}") from exc
-        # worded as apply's plan words it ("<patcher>: <reason>")
-        skipped.append(Skipped(planned.paths[0], planned.module_class, patcher.name, f"{patcher.name}: {exc}", True))
-        return None
-    if reason is not None:
-        skipped.append(Skipped(planned.paths[0], planned.module_class, patcher.name, f"{patcher.name}: {reason}"))
-        return None
-    commits: list[Callable[[], None]] = []
-    ctx = PatchContext(model, patcher, journal=journal, commits=commits, sources=sources, **common)
-    replacement = patcher.build(node.module, ctx)
-    ctx.release_sources()
-    if replacement is None:
-        new_class = type(node.module).__name__ + " (in place)"
-    else:
-        if not isinstance(replacement, nn.Module):
-            raise TypeError(f"patcher {patcher.name!r} build() returned {replacement!r}, not an nn.Module or None")
-        journal.replace(node.module, replacement, _live_edges(node), patcher, ctx)
-        new_class = type(replacement).__name__
-    for step in commits:  # the model is new: nothing to roll back to, free the full-precision copy now
-        step()
-    return Swap(list(node.paths), planned.module_class, new_class, patcher.name, patcher.plugin, ctx.notes)
 
 
 class _SharedTensor:
@@ -619,28 +517,6 @@ class _Trimmer:
         if not resident or resident - self.floor > _TRIM_STEP:
             self.trim(0)
             self.floor = _resident_bytes()
-
-
-def _live_edges(node: Node) -> list[tuple[nn.Module, str]]:
-    return [(parent, name) for parent, name in node.edges if parent._modules.get(name) is node.module]
-
-
-def _run_setups(
-    model: nn.Module,
-    stage: Stage,
-    built: dict[int, Swap],
-    journal: Any,
-    backend: str,
-    options: dict[str, Any],
-    registry: Registry,
-    notes: list[str],
-    commits: list[Callable[[], None]],
-) -> None:
-    by_patcher: dict[str, tuple[Any, list[str]]] = {}
-    for i, swap in built.items():
-        patcher = stage.patches[i].patcher_obj
-        by_patcher.setdefault(patcher.qualname, (patcher, []))[1].extend(swap.paths)
-    run_setups(model, by_patcher, stage, journal, backend, options, registry, notes, commits)
 
 
 def _finish(model: nn.Module, checkpoint: Checkpoint) -> None:

@@ -16,7 +16,9 @@ A patcher is plain data plus four callables. The engine calls them in this order
    dequantize), raising if anything is missing, and return a callable that makes the change
    (assign the weight, delete the file); the callables run after every restore succeeded, newest
    swap first. A ``restore`` that changes the model itself and returns ``None`` still works (API
-   1.0), but then a failure elsewhere can leave that swap half-undone.
+   1.0), but then a failure elsewhere can leave that swap half-undone. ``restore`` runs only for
+   ``reverse`` (and the exit of ``patched()``): the rollback of a failed apply never calls it, since
+   nothing destructive has run then (see two-phase apply below) and the original is intact.
 
 ``setup(root, ctx)`` (optional) runs once per apply after all of the patcher's swaps, for
 model-level changes (a config field, an instance ``forward``); every change it makes through
@@ -27,10 +29,12 @@ original weight, overwrite a file); they register such steps with ``ctx.on_commi
 runs them only after every build and setup of every stage succeeded.
 
 ``options``: the keyword options the patcher reads, ``{name: one-line description}``; ``apply``
-refuses a keyword no selected patcher declares (a plugin that declares nothing accepts any).
-``same_checkpoint``: whether ``save_pretrained`` of the patched model writes exactly what the
-unpatched model would (default: True for ``attention`` patchers, False otherwise); saving is
-refused while any applied patcher says False.
+refuses a keyword no stage declares, and a stage's patchers see only the options their stage
+declares (a stage with a patcher that declares nothing, ``None``, sees every option).
+``same_checkpoint``: ``False`` declares that saving the patched model must be refused. Anything
+else is not trusted: saving while patched writes the checkpoint only when the patched state dict
+equals, key for key and byte for byte, the one reverse would leave (see
+:mod:`patchkit.original_view`), and refuses naming the patcher otherwise.
 
 ``save(model, path)`` (optional, quantizers): write the *patched* model as a checkpoint its host
 library can load (``patchkit.save_pretrained(model, path, quantized=True)`` calls it).
@@ -39,11 +43,14 @@ library can load (``patchkit.save_pretrained(model, path, quantized=True)`` call
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Union
 
 from torch import nn
+
+from .errors import PluginError
 
 if TYPE_CHECKING:
     from .journal import Journal
@@ -90,7 +97,7 @@ class Patcher:
     requires: Requirements = field(default_factory=Requirements)
     description: str = ""
     options: Mapping[str, str] | None = None  # option name -> description; None: undeclared (accept any)
-    same_checkpoint: bool | None = None  # None: True for kind "attention", else False
+    same_checkpoint: bool | None = None  # False: saving while patched is refused; else verified, never trusted
     covers: tuple[str, ...] = ()  # what it patches, in words users search for: classes, architectures
     plugin: str = ""  # filled in by the registry: which plugin registered it
 
@@ -102,11 +109,6 @@ class Patcher:
     def __deepcopy__(self, memo: dict[int, Any]) -> Patcher:
         return self  # immutable plugin data: a copied model's journal refers to the same patcher
 
-    @property
-    def saves_as_original(self) -> bool:
-        """True when the patched model's checkpoint equals the unpatched one (see ``same_checkpoint``)."""
-        return self.kind == "attention" if self.same_checkpoint is None else self.same_checkpoint
-
     def matches(self, module: nn.Module, path: str, root: nn.Module) -> bool:
         """True when ``module`` (found at ``path`` under ``root``) is a candidate for this patcher."""
         if isinstance(self.match, (type, tuple)):
@@ -114,11 +116,17 @@ class Patcher:
         return bool(self.match(module, path, root))
 
 
+Phase = Literal["plan", "check", "build", "setup", "restore"]
+
+
 class PatchContext:
     """What a patcher's callbacks receive: where they are, the user's options, journaled helpers.
 
-    During planning ``journal`` is ``None`` and the mutating helpers raise, so a ``check`` that
-    tries to change the model fails loudly instead of half-patching it.
+    Built in one place (:mod:`patchkit.pipeline`) for every phase. ``phase`` says which:
+    ``"plan"`` (``patchkit.plan`` / ``patchkit plan``: nothing will be built), ``"check"`` (the
+    checks of an ``apply`` or a load), ``"build"``, ``"setup"``, ``"restore"``. In ``plan`` and
+    ``check`` the context is read-only: the mutating helpers raise :class:`PluginError`, so a
+    ``check`` that tries to change the model fails loudly instead of half-patching it.
     """
 
     def __init__(
@@ -126,22 +134,24 @@ class PatchContext:
         root: nn.Module,
         patcher: Patcher,
         *,
+        phase: Phase,
+        registry: Registry,
         paths: tuple[str, ...] = (),
         options: Mapping[str, Any] | None = None,
         backend: str = "auto",
         journal: Journal | None = None,
         selected: tuple[str, ...] = (),
-        registry: Registry,
         cache: dict[Any, Any] | None = None,
         commits: list[Callable[[], None]] | None = None,
         sources: Mapping[int, tuple[Any, Any]] | None = None,
     ) -> None:
         self.root = root
         self.patcher = patcher
+        self.phase: Phase = phase
         self.paths = paths
         self.options: Mapping[str, Any] = options if options is not None else {}
         self.backend = backend
-        self.journal = journal
+        self.journal = journal if phase in ("build", "setup", "restore") else None
         self.selected = selected  # in setup(): the paths this patcher swapped in this apply
         self.registry = registry  # the registry this apply/plan runs against (backends, patchers)
         self.notes: list[str] = []
@@ -172,6 +182,34 @@ class PatchContext:
         """The first qualified name of the module being handled ('' for the root)."""
         return self.paths[0] if self.paths else ""
 
+    @property
+    def plan_only(self) -> bool:
+        """True when called from ``patchkit.plan`` (nothing will be built): a check may accept a model
+        on the meta device that it could not actually patch yet."""
+        return self.phase == "plan"
+
+    @property
+    def dry_run(self) -> bool:
+        """Deprecated since plugin API 1.1 (kept for 1.0 plugins): use :attr:`plan_only`."""
+        warnings.warn(
+            f"ctx.dry_run (patcher {self.patcher.qualname!r}) is deprecated since patchkit plugin API 1.1 and "
+            "will be removed in API 2.0: use ctx.plan_only",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.plan_only
+
+    @property
+    def keep_original(self) -> str | None:
+        """The user's ``keep_original=`` (``"cpu"``, ``"checkpoint"`` or a folder), or ``None``.
+
+        The core keeps what a replacement does not share with the original (and puts it back
+        bit-identical on reverse, after ``restore``): a patcher does not keep anything itself and may
+        skip costly work in ``restore`` (dequantizing) when this is set.
+        """
+        value = self.options.get("keep_original")
+        return None if value is None else str(value)
+
     def option(self, name: str, default: Any = None) -> Any:
         """A user option passed as ``apply(..., name=value)``; ``default`` when absent."""
         return self.options.get(name, default)
@@ -182,9 +220,9 @@ class PatchContext:
 
     def _need_journal(self) -> Journal:
         if self.journal is None:
-            raise RuntimeError(
-                f"patcher {self.patcher.name!r} tried to change the model while planning; "
-                "only build/setup/restore may change it"
+            raise PluginError(
+                f"patcher {self.patcher.qualname!r} tried to change the model in {self.phase}; only build, setup and "
+                "restore may change it (check must not)"
             )
         return self.journal
 
@@ -208,9 +246,9 @@ class PatchContext:
         A :class:`patchkit.TensorSource` (file, key, byte range, file size and, when the load was
         asked to fingerprint, the SHA-256 of the bytes read) for a tensor the loader has just read
         into the module being checked and built; ``None`` outside such a load or for any other
-        tensor. Only valid during ``check`` and ``build``: record what you need from it. While
-        loading, ``build`` follows a successful ``check`` of the same module at once, so a check
-        may leave work for its build in ``ctx.cache``.
+        tensor. Valid during ``check`` and ``build`` of a module planned for the quantize stage of a
+        load (the loader checks it again, then builds it, as soon as its tensors arrived): record
+        what you need from it. A check may leave work for its build in ``ctx.cache``.
         """
         found = self._sources.get(id(tensor)) if self._sources is not None else None
         return found[1] if found is not None and found[0] is tensor else None
@@ -223,9 +261,10 @@ class PatchContext:
         """Run ``step`` once every build and setup of this apply succeeded (two-phase apply).
 
         For the destructive part of a patch that a rollback could not undo exactly, e.g. freeing
-        the original weight's storage. Steps run in registration order; they must not fail.
+        the original weight's storage. Steps run in registration order, with interrupts held until
+        the last one ran; they must not fail (one that raises does not stop the others).
         """
         self._need_journal()
         if self._commits is None:
-            raise RuntimeError(f"patcher {self.patcher.name!r}: on_commit is only available in build/setup")
+            raise PluginError(f"patcher {self.patcher.qualname!r}: on_commit is only available in build/setup")
         self._commits.append(step)

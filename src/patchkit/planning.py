@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -14,8 +15,10 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from torch import nn
 
-from .errors import ConflictError, UnsupportedError
-from .patcher import PatchContext, Patcher
+from . import keep
+from .errors import ConflictError, PatchError, UnsupportedError
+from .journal import Journal
+from .patcher import PatchContext, Patcher, Phase
 from .registry import Registry
 from .tree import Node, Pattern, compile_patterns, name_matches, walk
 
@@ -53,6 +56,7 @@ class Stage:
     patches: list[PlannedPatch] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     cache: dict[Any, Any] = field(default_factory=dict, repr=False)  # ctx.cache for this stage's calls
+    options: dict[str, Any] = field(default_factory=dict, repr=False)  # what this stage's patchers see
 
     @property
     def label(self) -> str:
@@ -207,21 +211,12 @@ def select_patchers(registry: Registry, kind: str, family: str) -> list[Patcher]
     return candidates
 
 
-def plan_stage(
-    root: nn.Module,
-    kind: str,
-    family: str,
-    patchers: Sequence[Patcher],
-    *,
-    only: Sequence[Pattern],
-    skip: Sequence[Pattern],
-    strict: bool,
-    backend: str,
-    options: Mapping[str, Any],
-    registry: Registry,
-) -> Stage:
-    """Choose a patcher for each module of ``root`` for one kind, running every check; mutate nothing."""
-    stage = Stage(kind, family)
+def plan_stage(root: nn.Module, request: Request, index: int, phase: Phase) -> Stage:
+    """Choose a patcher for each module of ``root`` for stage ``index`` of ``request``, running every
+    check (``phase``: ``"plan"`` for ``patchkit.plan``, ``"check"`` for apply and load); mutate nothing."""
+    kind, family = request.stages[index]
+    patchers = select_patchers(request.registry, kind, family)
+    stage = Stage(kind, family, options=request.options[index])
     taken: set[str] = set()  # paths selected in this stage: their descendants are not visited
 
     def inside_taken(path: str) -> bool:
@@ -235,16 +230,16 @@ def plan_stage(
             continue
         path = node.paths[0]
         cls = type(module).__name__
-        skipped_by = next((pat for p in node.paths if (pat := name_matches(p, skip))), None)
+        skipped_by = next((pat for p in node.paths if (pat := name_matches(p, request.skip))), None)
         if skipped_by is not None:
             stage.skipped.append(Skipped(path, cls, candidates[0].name, f"skip pattern {_show(skipped_by)}"))
             continue
-        if only and not any(name_matches(p, only) for p in node.paths):
+        if request.only and not any(name_matches(p, request.only) for p in node.paths):
             stage.skipped.append(Skipped(path, cls, candidates[0].name, "not selected by `only`"))
             continue
-        chosen, reasons, first_error = _choose(candidates, module, root, node, backend, options, registry, stage.cache)
+        chosen, reasons, first_error = _choose(candidates, root, node, stage, request, phase)
         if chosen is None:
-            if first_error is not None and strict:
+            if first_error is not None and request.strict:
                 raise UnsupportedError(f"cannot patch {path or '<root>'} ({cls}): {first_error}") from first_error
             stage.skipped.append(Skipped(path, cls, candidates[0].name, "; ".join(reasons), first_error is not None))
             continue
@@ -253,15 +248,18 @@ def plan_stage(
     return stage
 
 
+def check_one(patcher: Patcher, module: nn.Module, ctx: PatchContext) -> str | None:
+    """``patcher``'s requirements and ``check`` for ``module``: ``None`` to go ahead, or the reason to
+    leave it alone; raises :class:`UnsupportedError` (a requirement, or the check itself)."""
+    check_requirements(patcher, module)
+    if patcher.check is None:
+        return None
+    with plugin_call(patcher, ctx.phase):
+        return patcher.check(module, ctx)
+
+
 def _choose(
-    candidates: Sequence[Patcher],
-    module: nn.Module,
-    root: nn.Module,
-    node: Node,
-    backend: str,
-    options: Mapping[str, Any],
-    registry: Registry,
-    cache: dict[Any, Any],
+    candidates: Sequence[Patcher], root: nn.Module, node: Node, stage: Stage, request: Request, phase: Phase
 ) -> tuple[Patcher | None, list[str], UnsupportedError | None]:
     """The highest-priority candidate whose checks pass; a tie between two passing ones is a conflict."""
     reasons: list[str] = []
@@ -270,18 +268,9 @@ def _choose(
     for patcher in candidates:
         if chosen is not None and patcher.priority < chosen.priority:
             break
-        ctx = PatchContext(
-            root,
-            patcher,
-            paths=tuple(node.paths),
-            options=options,
-            backend=backend,
-            registry=registry,
-            cache=cache,
-        )
+        ctx = new_context(root, patcher, stage, request, phase, paths=tuple(node.paths))
         try:
-            check_requirements(patcher, module)
-            reason = patcher.check(module, ctx) if patcher.check is not None else None
+            reason = check_one(patcher, node.module, ctx)
         except UnsupportedError as exc:
             first_error = first_error or exc
             reasons.append(f"{patcher.name}: {exc}")
@@ -292,11 +281,60 @@ def _choose(
         if chosen is not None:
             raise ConflictError(
                 f"patchers {chosen.name!r} (plugin {chosen.plugin!r}) and {patcher.name!r} (plugin {patcher.plugin!r}) "
-                f"both claim {node.paths[0] or '<root>'} ({type(module).__name__}) with priority {patcher.priority}; "
-                f"give one a higher priority, or disable a plugin with PATCHKIT_DISABLE_PLUGINS"
+                f"both claim {node.paths[0] or '<root>'} ({type(node.module).__name__}) with priority "
+                f"{patcher.priority}; give one a higher priority, or disable a plugin with PATCHKIT_DISABLE_PLUGINS"
             )
         chosen = patcher
     return chosen, reasons, first_error
+
+
+def new_context(
+    root: nn.Module,
+    patcher: Patcher,
+    stage: Stage,
+    request: Request,
+    phase: Phase,
+    *,
+    paths: tuple[str, ...] = (),
+    journal: Journal | None = None,
+    commits: list[Callable[[], None]] | None = None,
+    selected: tuple[str, ...] = (),
+    sources: Mapping[int, tuple[Any, Any]] | None = None,
+) -> PatchContext:
+    """The one place a :class:`PatchContext` is made: what a callback of ``stage`` sees in ``phase``.
+
+    ``plan`` / ``check`` contexts are read-only (no journal); ``build`` / ``setup`` ones carry the
+    journal and the commit list. Every context of a stage shares the stage's ``cache`` and options.
+    """
+    return PatchContext(
+        root,
+        patcher,
+        phase=phase,
+        registry=request.registry,
+        paths=paths,
+        options=stage.options,
+        backend=request.backend,
+        journal=journal,
+        selected=selected,
+        cache=stage.cache,
+        commits=commits,
+        sources=sources,
+    )
+
+
+@contextlib.contextmanager
+def plugin_call(patcher: Patcher, phase: str) -> Iterator[None]:
+    """Tag an unexpected exception from a plugin's callback with where it came from
+    (``exc.patchkit_origin``: the CLI prints it as one line naming the plugin)."""
+    try:
+        yield
+    except PatchError:
+        raise
+    except Exception as exc:
+        if getattr(exc, "patchkit_origin", None) is None:
+            with contextlib.suppress(AttributeError, TypeError):  # exceptions that refuse new attributes
+                exc.patchkit_origin = f"plugin {patcher.plugin or '?'!r}, patcher {patcher.name!r}, in {phase}"  # type: ignore[attr-defined]
+        raise
 
 
 def _show(pattern: Pattern) -> str:
@@ -318,95 +356,101 @@ def requested_stages(
     return stages
 
 
-def plan_family(
-    root: nn.Module,
-    kind: str,
-    family: str,
-    only: Sequence[Pattern],
-    skip: Sequence[Pattern],
-    strict: bool,
-    backend: str,
-    options: Mapping[str, Any],
-    registry: Registry,
-) -> Stage:
-    """:func:`plan_stage` with the patchers ``family`` selects (a later stage of an apply or a load
-    is planned on the tree as the previous stage left it)."""
-    return plan_stage(
-        root,
-        kind,
-        family,
-        select_patchers(registry, kind, family),
-        only=only,
-        skip=skip,
-        strict=strict,
-        backend=backend,
-        options=options,
-        registry=registry,
-    )
+CORE_OPTIONS = {keep.OPTION: keep.DESCRIPTION}  # options the core itself reads, valid for every stage
 
 
-def build_plan(
-    root: nn.Module,
-    stages: Sequence[tuple[str, str]],
-    *,
-    only: Any,
-    skip: Any,
-    strict: bool,
-    backend: str,
-    options: Mapping[str, Any],
-    registry: Registry,
-) -> Plan:
-    """Plan every requested stage against ``root`` as it is now."""
-    check_options(registry, stages, options)
-    only_p, skip_p = compile_patterns(only), compile_patterns(skip)
-    planned = []
-    for kind, family in stages:
-        patchers = select_patchers(registry, kind, family)
-        stage = plan_stage(
-            root,
-            kind,
-            family,
-            patchers,
-            only=only_p,
-            skip=skip_p,
-            strict=strict,
-            backend=backend,
-            options=options,
-            registry=registry,
+@dataclass
+class Request:
+    """One ``apply`` / ``plan`` / ``from_pretrained`` request, validated once.
+
+    ``options[i]``: the options stage ``i`` sees: the ones its patchers declare (every option when
+    one of them declares nothing, ``options=None``) plus the core's (``keep_original``).
+    """
+
+    stages: list[tuple[str, str]]
+    registry: Registry
+    backend: str = "auto"
+    strict: bool = True
+    only: list[Pattern] = field(default_factory=list)
+    skip: list[Pattern] = field(default_factory=list)
+    options: list[dict[str, Any]] = field(default_factory=list)
+    keep_original: str | None = None
+
+    @classmethod
+    def make(
+        cls,
+        stages: list[tuple[str, str]],
+        *,
+        registry: Registry,
+        backend: str = "auto",
+        strict: bool = True,
+        only: Any = None,
+        skip: Any = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> Request:
+        """Validate the arguments (patterns, option names, ``keep_original``) and split the options by stage."""
+        options = dict(options or {})
+        keep_original = keep.check_value(options.get(keep.OPTION))
+        return cls(
+            stages,
+            registry,
+            backend,
+            strict,
+            compile_patterns(only, "only"),
+            compile_patterns(skip, "skip"),
+            stage_options(registry, stages, options),
+            keep_original,
         )
-        if strict and not stage.patches:
+
+
+def build_plan(root: nn.Module, request: Request, phase: Phase) -> Plan:
+    """Plan every requested stage against ``root`` as it is now."""
+    planned = []
+    for index, (kind, family) in enumerate(request.stages):
+        stage = plan_stage(root, request, index, phase)
+        if request.strict and not stage.patches:
             why = "; ".join(f"{s.path}: {s.reason}" for s in stage.skipped[:3])
+            tried = [p.name for p in select_patchers(request.registry, kind, family)]
             raise UnsupportedError(
                 f"{KEYWORDS[kind]}={family!r} found nothing to patch in {type(root).__name__}"
-                + (f" ({why})" if why else f"; patchers tried: {[p.name for p in patchers]}")
+                + (f" ({why})" if why else f"; patchers tried: {tried}")
                 + ". Pass strict=False to accept a no-op"
             )
         planned.append(stage)
     return Plan(planned)
 
 
-def check_options(registry: Registry, stages: Sequence[tuple[str, str]], options: Mapping[str, Any]) -> None:
-    """Raise :class:`UnsupportedError` for a keyword option no patcher of the requested stages reads.
+def stage_options(
+    registry: Registry, stages: Sequence[tuple[str, str]], options: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """Each stage's options; :class:`UnsupportedError` for an option no stage reads.
 
-    Patchers declare what they read (``Patcher.options``); one that declares nothing (an older
-    plugin) switches the check off, since it may read anything.
+    A stage reads what its patchers declare (``Patcher.options``); a stage with a patcher that
+    declares nothing (an older plugin) reads every option. The core's own options (``keep_original``)
+    reach every stage.
     """
-    if not options:
-        return
+    per_stage: list[dict[str, Any]] = []
+    claimed: set[str] = set(CORE_OPTIONS)
     declared: dict[str, str] = {}
     for kind, family in stages:
+        keys: set[str] = set(CORE_OPTIONS)
         for patcher in select_patchers(registry, kind, family):
             if patcher.options is None:
-                return
-            declared.update({name: patcher.name for name in patcher.options})
-    unknown = sorted(set(options) - set(declared))
-    if not unknown:
-        return
-    name = unknown[0]
-    close = difflib.get_close_matches(name, list(declared), n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    families = ", ".join(f"{KEYWORDS[k]}={f!r}" for k, f in stages)
-    raise UnsupportedError(
-        f"unknown option {name!r} for {families}.{hint} Valid options: {sorted(declared) or 'none'} "
-        "(see `patchkit plugins` and the patcher docs)"
-    )
+                keys |= set(options)
+            else:
+                keys |= set(patcher.options)
+                declared.update({name: patcher.name for name in patcher.options})
+        claimed |= keys
+        per_stage.append({k: v for k, v in options.items() if k in keys})
+    unknown = sorted(set(options) - claimed)
+    if unknown:
+        name = unknown[0]
+        valid = sorted(set(declared) | set(CORE_OPTIONS))
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        families = ", ".join(f"{KEYWORDS[k]}={f!r}" for k, f in stages)
+        raise UnsupportedError(
+            f"unknown option {name!r} for {families}.{hint} Valid options: {valid} "
+            "(see `patchkit plugins` and the patcher docs)"
+        )
+    return per_stage

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .errors import ArgumentError
+
 # Wrapper prefixes that users do not write in their patterns: torch.compile and DDP/FSDP.
 WRAPPER_SEGMENTS = ("_orig_mod", "module")
 
@@ -59,21 +61,28 @@ def canonical(path: str) -> str:
     return ".".join(parts)
 
 
-def compile_patterns(patterns: Pattern | Iterable[Pattern] | None) -> list[Pattern]:
+def compile_patterns(patterns: Pattern | Iterable[Pattern] | None, what: str = "only/skip") -> list[Pattern]:
     """Normalise ``only`` / ``skip``: a string is exact-or-prefix at a module boundary; a compiled
-    regex or a string starting with ``re:`` must match the whole qualified name."""
+    regex or a string starting with ``re:`` must match the whole qualified name. Anything else raises
+    :class:`~patchkit.errors.ArgumentError` (a ``TypeError``) naming the argument ``what``."""
     if patterns is None:
         return []
     if isinstance(patterns, (str, re.Pattern)):
         patterns = [patterns]
+    hint = "a qualified-name string, a re.Pattern (or 're:...' string), or a list of them"
+    if not isinstance(patterns, Iterable) or isinstance(patterns, (bytes, dict)):
+        raise ArgumentError(f"{what}={patterns!r}: expected {hint}, got {type(patterns).__name__}")
     compiled: list[Pattern] = []
     for pattern in patterns:
         if isinstance(pattern, str) and pattern.startswith("re:"):
-            compiled.append(re.compile(pattern[3:]))
+            try:
+                compiled.append(re.compile(pattern[3:]))
+            except re.error as exc:
+                raise ArgumentError(f"{what}: {pattern!r} is not a valid regular expression ({exc})") from exc
         elif isinstance(pattern, (str, re.Pattern)):
             compiled.append(pattern)
         else:
-            raise TypeError(f"name patterns must be str or re.Pattern, not {type(pattern).__name__}: {pattern!r}")
+            raise ArgumentError(f"{what}: {pattern!r} is a {type(pattern).__name__}; expected {hint}")
     return compiled
 
 
