@@ -275,7 +275,7 @@ def build(module: Any, ctx: Any) -> nn.Module | None:
     return new
 
 
-def _patched(module: nn.Module) -> bool:
+def _patched(module: Any) -> bool:
     return isinstance(module, Flash2Mixin) or dispatch.STATE_ATTR in module.__dict__
 
 

@@ -277,7 +277,7 @@ def _call_view(base: torch.nn.Module, state: dispatch.ActiveForward) -> Iterator
     if current is None:  # not a plain attribute: the host builds its own mask (slower, still exact)
         yield
         return
-    if dispatch.routed(current):  # the config itself is routed through "patchkit" (Falcon on transformers >= 5.25): no view needed
+    if dispatch.routed(current):  # the config itself goes through "patchkit" (Falcon, transformers >= 5.25)
         yield
         return
     view, origin = dispatch.call_view(current)
