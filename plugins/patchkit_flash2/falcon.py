@@ -63,12 +63,21 @@ class Flash2Mixin:
 
 
 @functools.cache
+def legacy() -> bool:
+    """True for the per-class layout of transformers <= 5.24 (``FALCON_ATTENTION_CLASSES``,
+    ``FalconAttention._split_heads``), which the replacement subclass's forward relies on."""
+    from transformers.models.falcon import modeling_falcon as mf
+
+    return hasattr(mf, "FALCON_ATTENTION_CLASSES") and hasattr(mf.FalconAttention, "_split_heads")
+
+
+@functools.cache
 def dispatching() -> bool:
     """True when ``FalconAttention`` dispatches through ``ALL_ATTENTION_FUNCTIONS`` (transformers >= 5.25:
     no ``FALCON_ATTENTION_CLASSES``, no ``_split_heads``); False for the per-class layout of <= 5.24."""
     from transformers.models.falcon import modeling_falcon as mf
 
-    if hasattr(mf, "FALCON_ATTENTION_CLASSES") and hasattr(mf.FalconAttention, "_split_heads"):
+    if legacy():
         return False
     try:
         source = inspect.getsource(mf.FalconAttention.forward)
@@ -224,6 +233,13 @@ def check(module: Any, ctx: Any) -> str | None:
     """Refuse (UnsupportedError) a subclass with its own ``forward`` (it would be replaced), an unknown
     transformers source, ALiBi on transformers >= 5.25, or no fitting kernel (e.g. ALiBi on the torch
     kernel)."""
+    if not legacy() and not dispatching():  # neither layout: no trust option can make this exact
+        raise UnsupportedError(
+            f"flash2 does not know the FalconAttention of transformers {_transformers_version()}: it neither "
+            "picks a class from FALCON_ATTENTION_CLASSES (<= 5.24) nor dispatches through ALL_ATTENTION_FUNCTIONS "
+            "(5.25). Leave Falcon unpatched (strict=False) or install a checked release "
+            f"({', '.join(KNOWN_SOURCES)})"
+        )
     if _own_forward(module):
         raise UnsupportedError(
             f"{type(module).__name__} has its own forward, which flash2 would replace with FalconAttention's "
