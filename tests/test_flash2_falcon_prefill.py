@@ -2,12 +2,14 @@
 
 ``FalconModel`` passes no per-call kwargs to its layers and builds its masks itself: the packed
 boundaries travel in flash2's per-call context, and for the packed call the host's mask builder is
-pointed at ``"patchkit"`` through a one-call config view (no ``tokens x tokens`` mask). Every
-Falcon variant is covered: new decoder architecture (GQA, one or two layer norms), falcon-7b-like
-multi-query parallel attention, full multi-head sequential attention, ALiBi (falcon-rw) with full
-and multi-query attention. CPU, fp32, reference kernel, tiny random configs with Falcon's default
-``use_cache=True``; logits and the cache compared on valid tokens (max |diff| <= 1e-5) against the
-unpatched model (eager; sdpa for ALiBi, see test_flash2_falcon.py), greedy tokens equal.
+pointed at ``"patchkit"`` through a one-call config view (no ``tokens x tokens`` mask); from
+transformers 5.25 (``DISPATCHES``) the config itself is routed through ``"patchkit"`` while patched,
+as for Llama, and ALiBi is refused (test_flash2_falcon.py). Every Falcon variant is covered: new
+decoder architecture (GQA, one or two layer norms), falcon-7b-like multi-query parallel attention,
+full multi-head sequential attention, ALiBi (falcon-rw) with full and multi-query attention (up to
+5.24). CPU, fp32, reference kernel, tiny random configs with Falcon's default ``use_cache=True``;
+logits and the cache compared on valid tokens (max |diff| <= 1e-5) against the unpatched model
+(eager; sdpa for ALiBi, see test_flash2_falcon.py), greedy tokens equal.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ from helpers import snapshot
 from torch.overrides import TorchFunctionMode
 from transformers import DynamicCache, FalconConfig, FalconForCausalLM
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.models.falcon import modeling_falcon
 
 import patchkit
 
 TOL = 1e-5
+# transformers >= 5.25: FalconAttention hands q/k/v to ALL_ATTENTION_FUNCTIONS; ALiBi is refused there
+DISPATCHES = not hasattr(modeling_falcon, "FALCON_ATTENTION_CLASSES")
 
 VARIANTS = {
     # falcon-40b / 180b: grouped fused qkv, ln_attn + ln_mlp, parallel attention
@@ -46,6 +51,8 @@ def reference_impl(variant: str) -> str:
 
 
 def falcon(variant: str) -> FalconForCausalLM:
+    if DISPATCHES and "alibi" in variant:
+        pytest.skip("ALiBi Falcon is refused on transformers >= 5.25 (test_flash2_falcon.py checks the refusal)")
     torch.manual_seed(0)
     cfg = FalconConfig(
         vocab_size=97,
@@ -237,6 +244,8 @@ def test_training_loss_and_grads_match(variant):
 
 # -- the host builds no tokens x tokens mask; its config is left as it was ------------------------
 def test_packed_call_builds_no_host_mask_and_restores_the_config(monkeypatch):
+    if DISPATCHES:
+        return _packed_call_builds_no_host_mask_routed(monkeypatch)
     model = falcon("rw-alibi")  # ALiBi: the host would fold alibi into a [1, H, tokens, tokens] mask
     ids, mask = batch("left")
     config, impl = model.config, model.config._attn_implementation
@@ -271,6 +280,45 @@ def test_packed_call_builds_no_host_mask_and_restores_the_config(monkeypatch):
     assert model.transformer.config is config and config._attn_implementation == impl
 
 
+def _packed_call_builds_no_host_mask_routed(monkeypatch):
+    """transformers >= 5.25: the config is routed through "patchkit" while patched (no one-call view);
+    inside a patched forward patchkit's mask function answers without building a dense mask."""
+    model = falcon("new-arch-gqa")
+    ids, mask = batch("left")
+    config, impl = model.config, model.config._attn_implementation
+    sizes: list[tuple[int, ...]] = []
+    previous = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[impl]
+
+    def recording(*args, **kwargs):
+        out = previous(*args, **kwargs)
+        sizes.append(tuple(out.shape) if out is not None else ())
+        return out
+
+    monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, impl, recording)
+    want = call(model, ids, mask, "config")
+    assert sizes == [(3, 1, 11, 11)]  # sanity: the unpatched call builds its 4D mask through the interface
+    patch(model)
+    assert config._attn_implementation == "patchkit"
+    sizes.clear()
+    got = call(model, ids, mask, "config")
+    padded = call(model, ids, mask, "config", output_hidden_states=True)  # padded: the 2D mask, no 4D one
+    assert sizes == []
+    assert close_on(mask, got.logits, want.logits) <= TOL
+    assert close_on(mask, padded.logits, want.logits) <= TOL
+    assert model.transformer.config is config and model.config is config
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(model.transformer.h[1].mlp, "forward", boom)  # (not a hook: those run padded)
+    with pytest.raises(RuntimeError, match="boom"):
+        call(model, ids, mask, "config")
+    assert model.transformer.config is config and config._attn_implementation == "patchkit"
+    monkeypatch.undo()
+    patchkit.reverse(model)
+    assert config._attn_implementation == impl and type(config._attn_implementation) is str
+
+
 def test_other_falcon_sharing_the_config_is_untouched():
     a = falcon("7b-multi-query")
     b = FalconForCausalLM(a.config).eval()  # same config object
@@ -278,7 +326,8 @@ def test_other_falcon_sharing_the_config_is_untouched():
     ids, mask = batch("left")
     want = call(b, ids, mask, "config").logits
     patch(a)
-    assert a.config._attn_implementation == "eager"  # Falcon's config is not switched
+    # up to 5.24 Falcon's config is not switched; from 5.25 it is routed (b's modules carry no kernel)
+    assert a.config._attn_implementation == ("patchkit" if DISPATCHES else "eager")
     assert close_on(mask, call(a, ids, mask, "config").logits, want) <= TOL
     assert torch.equal(call(b, ids, mask, "config").logits, want)
     assert type(b.transformer.h[0].self_attention).__name__ == "FalconAttention"
@@ -400,4 +449,5 @@ def test_compiled_padding_free_matches_and_does_not_recompile_per_call():
         got = compiled(ids, attention_mask=mask).logits
     assert counters["stats"]["unique_graphs"] == graphs
     assert close_on(mask, got, want) <= TOL
-    assert model.transformer.config is model.config and model.config._attn_implementation == "eager"
+    impl = "patchkit" if DISPATCHES else "eager"  # routed while patched from 5.25
+    assert model.transformer.config is model.config and model.config._attn_implementation == impl

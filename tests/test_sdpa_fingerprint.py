@@ -97,6 +97,23 @@ def test_falcon_unknown_source_is_refused(monkeypatch: pytest.MonkeyPatch) -> No
     assert len(patchkit.apply(model, attention="flash2", backend="reference", trust_transformers=True).swaps) == 2
 
 
+def test_falcon_unknown_layout_is_refused_even_when_trusted(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a FalconAttention that neither picks a class from FALCON_ATTENTION_CLASSES nor dispatches
+    model = falcon("new-arch-gqa")
+    for fn in (flash2_falcon.legacy, flash2_falcon.dispatching):
+        fn.cache_clear()
+    monkeypatch.delattr(modeling_falcon, "FALCON_ATTENTION_CLASSES", raising=False)
+    monkeypatch.setattr(modeling_falcon.FalconAttention, "forward", MyFalconAttention.forward)
+    try:
+        with pytest.raises(patchkit.UnsupportedError, match="does not know the FalconAttention of transformers"):
+            patchkit.apply(model, attention="flash2", backend="reference", trust_transformers=True)
+        assert not patchkit.is_patched(model)
+    finally:
+        monkeypatch.undo()
+        for fn in (flash2_falcon.legacy, flash2_falcon.dispatching):
+            fn.cache_clear()
+
+
 class MyFalconAttention(modeling_falcon.FalconAttention):
     """A user subclass with its own forward (here: attention output scaled by 0.5)."""
 

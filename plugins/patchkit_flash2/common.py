@@ -56,9 +56,20 @@ def check_output_attentions(config: Any) -> None:
         )
 
 
-def route_through_patchkit(base: nn.Module, ctx: Any, padding_free: bool, why_not: str = "") -> None:
+def route_through_patchkit(
+    base: nn.Module,
+    ctx: Any,
+    padding_free: bool,
+    why_not: str = "",
+    carrier: str = "kwargs",
+    off_reason: tuple[str, str] | None = None,
+) -> None:
     """Point ``base``'s config at ``"patchkit"`` and wrap its forward (padding-free or not), both
-    journaled, and note it in the report; ``why_not`` says why padding-free is off, if it is."""
+    journaled, and note it in the report; ``why_not`` says why padding-free is off, if it is.
+
+    ``carrier="context"``: the host passes no per-call kwargs to its layers (Falcon), so a packed
+    call's boundaries travel in :class:`dispatch.ActiveForward`; ``off_reason`` is the warning a
+    call that could have been padding-free gives (see :class:`padfree.PatchedForward`)."""
     from . import dispatch, padfree
 
     config = base.config
@@ -66,7 +77,14 @@ def route_through_patchkit(base: nn.Module, ctx: Any, padding_free: bool, why_no
     # objects, not a closure, so that a deep copy of the model releases its own config
     ctx.on_reverse(functools.partial(dispatch.release_config, config, base), "config attention implementation back")
     previous = dispatch.acquire_config(config, base)
-    wrapper = padfree.make_forward(base, base.forward, padding_free=padding_free, pass_kwargs=padding_free)
+    wrapper = padfree.make_forward(
+        base,
+        base.forward,
+        padding_free=padding_free,
+        pass_kwargs=padding_free and carrier == "kwargs",
+        carrier=carrier,
+        off_reason=off_reason,
+    )
     ctx.set_attr(base, "forward", wrapper)
     ctx.note(
         f"{type(base).__name__}: attention via {dispatch.KEY!r} (was {previous!r}), "

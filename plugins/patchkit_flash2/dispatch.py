@@ -222,6 +222,13 @@ def release_config(config: Any, holder: Any) -> None:
         setattr(config, switch.field, switch.previous)
 
 
+def routed(config: Any) -> bool:
+    """True when ``config`` itself is routed through ``"patchkit"`` (:func:`acquire_config`), not a
+    one-call view (:func:`call_view`)."""
+    switch = _switch(config)
+    return switch is not None and switch.origin is None
+
+
 def previous_implementation(config: Any) -> str:
     """The implementation ``config`` had before patchkit set it to ``"patchkit"`` (default ``"eager"``)."""
     switch = _switch(config)
@@ -443,6 +450,9 @@ def attention_forward(
     active = ACTIVE.get()
     if active is not None and active.prefill is not None and getattr(module, "config", None) is active.config:
         active.prefill.write(module, key, value)
+    if active is not None and active.boundaries is not None and kwargs.get("cu_seq_lens_q") is None:
+        # a packed call of a host passing no per-call kwargs to its layers (Falcon >= 5.25)
+        kwargs = {**kwargs, **active.boundaries}
     state = module.__dict__.get(STATE_ATTR)
     if state is None:
         return _fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

@@ -1,6 +1,16 @@
 """The flash2 patcher for Falcon.
 
-``FalconDecoderLayer`` picks its attention class at ``__init__`` and Falcon's attention has no
+Two source layouts, told apart by what ``modeling_falcon`` defines (:func:`dispatching`):
+
+- transformers >= 5.25: ``FalconAttention`` hands q/k/v to ``ALL_ATTENTION_FUNCTIONS`` like Llama.
+  Nothing is replaced: each attention module gets its kernel as a journaled instance attribute,
+  the config is routed through ``"patchkit"`` (as for Llama), and the ``FalconModel`` forward
+  wrapper carries the packed boundaries in the per-call context (``FalconModel`` still passes no
+  kwargs to its layers). ALiBi (falcon-rw) is refused there: 5.25 folds the bias into the dense
+  4D mask it builds for the attention interface, which the varlen kernels do not read.
+- transformers <= 5.24 (checked on 5.17 and 5.24): described below.
+
+Up to 5.24, ``FalconDecoderLayer`` picks its attention class at ``__init__`` and Falcon's attention has no
 dispatch point, so each ``FalconAttention`` is replaced by an instance of a subclass of its own
 class that shares every parameter (``patchkit.share_as``); the subclass's ``forward`` reuses the
 module's own ``_split_heads``, rotary function, cache update and ``dense`` projection, and runs the
@@ -20,6 +30,7 @@ with some Falcon attention left unpatched runs padded, with one warning.
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 from typing import Any
 
@@ -29,7 +40,7 @@ from torch import nn
 from patchkit import Patcher, UnsupportedError, share_as
 
 from . import dispatch, padfree
-from .common import check_output_attentions, pick_backend, require_base
+from .common import check_output_attentions, pick_backend, require_base, route_through_patchkit
 
 
 @functools.cache
@@ -49,6 +60,30 @@ def match(module: nn.Module, path: str, root: nn.Module) -> bool:
 
 class Flash2Mixin:
     """Marker for Falcon attention replaced by flash2."""
+
+
+@functools.cache
+def legacy() -> bool:
+    """True for the per-class layout of transformers <= 5.24 (``FALCON_ATTENTION_CLASSES``,
+    ``FalconAttention._split_heads``), which the replacement subclass's forward relies on."""
+    from transformers.models.falcon import modeling_falcon as mf
+
+    return hasattr(mf, "FALCON_ATTENTION_CLASSES") and hasattr(mf.FalconAttention, "_split_heads")
+
+
+@functools.cache
+def dispatching() -> bool:
+    """True when ``FalconAttention`` dispatches through ``ALL_ATTENTION_FUNCTIONS`` (transformers >= 5.25:
+    no ``FALCON_ATTENTION_CLASSES``, no ``_split_heads``); False for the per-class layout of <= 5.24."""
+    from transformers.models.falcon import modeling_falcon as mf
+
+    if legacy():
+        return False
+    try:
+        source = inspect.getsource(mf.FalconAttention.forward)
+    except (OSError, TypeError):
+        source = ""
+    return "ALL_ATTENTION_FUNCTIONS" in source and "attention_interface(" in source
 
 
 @functools.cache
@@ -127,60 +162,85 @@ def _forward(
 
 
 def _needs(module: Any) -> set[str]:
+    if dispatching():  # the host passes its dropout (a float there) to the kernel when training
+        return {"dropout"} if module.training and float(module.attention_dropout or 0.0) else set()
     needs = {"alibi"} if module.config.alibi else set()
     if module.training and module.config.alibi and module.attention_dropout.p:
         needs.add("dropout")
     return needs
 
 
-# sha256 of the source of the transformers methods ``_forward`` and the FalconModel wrapper mirror,
-# per release checked. Same scheme as patchkit_sdpa/_fingerprint.py, carried as a copy so that this
-# plugin keeps loading (and can be disabled) independently of the sdpa plugin.
+# sha256 of the source of the transformers methods this patcher relies on (:func:`mirrored`), per
+# release checked: up to 5.24 those ``_forward`` and the FalconModel wrapper mirror; from 5.25 the
+# dispatch layout (the attention's interface call, the decoder layer passing no kwargs, the model's
+# mask and cache handling the context carrier stands in for). Same scheme as
+# patchkit_sdpa/_fingerprint.py, carried as a copy so that this plugin keeps loading (and can be
+# disabled) independently of the sdpa plugin.
 KNOWN_SOURCES = {
     "5.17.0": "067c9d0d10ca7c2b9135f29daba144fd06c1fbffde276276d4da1ef93a7776b5",
     "5.24.0": "25f2cd7dd94ce56dc1bbe6e554251e628d75cc87450376a1e09989399b4a8e77",
+    "5.25.0": "00f30c4e7e6b71e14c8c1d713959818698ca0820a739230bb98d96fd35f39acd",
 }
 
 
 def mirrored() -> list[Any]:
-    """FalconModel/FalconDecoderLayer/FalconAttention methods whose logic this path re-derives."""
+    """FalconModel/FalconDecoderLayer/FalconAttention methods whose logic this path relies on."""
     from transformers.models.falcon import modeling_falcon as mf
 
-    return [
-        mf.FalconModel.forward,
-        mf.FalconDecoderLayer.forward,
-        mf.FalconAttention.forward,
-        mf.FalconAttention._split_heads,
-    ]
+    methods = [mf.FalconModel.forward, mf.FalconDecoderLayer.forward, mf.FalconAttention.forward]
+    split = getattr(mf.FalconAttention, "_split_heads", None)  # gone in 5.25 (split inline)
+    return methods + ([split] if split is not None and not dispatching() else [])
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return str(transformers.__version__)
 
 
 def _require_known_source(ctx: Any) -> None:
     import hashlib
-    import inspect
     import os
     import textwrap
 
     digest = hashlib.sha256()
-    for fn in mirrored():
-        digest.update(f"{fn.__qualname__}\n{textwrap.dedent(inspect.getsource(fn))}\n".encode())
+    try:
+        for fn in mirrored():
+            digest.update(f"{fn.__qualname__}\n{textwrap.dedent(inspect.getsource(fn))}\n".encode())
+    except (OSError, TypeError) as exc:  # no source on disk: treated as unknown
+        digest.update(repr(exc).encode())
     trusted = os.environ.get("PATCHKIT_TRUST_TRANSFORMERS", "") not in ("", "0") or ctx.option("trust_transformers")
     if digest.hexdigest() not in KNOWN_SOURCES.values() and not trusted:
         raise UnsupportedError(
-            "flash2's Falcon attention re-derives FalconAttention.forward (and FalconModel / FalconDecoderLayer); "
-            "their source in the installed transformers differs from the releases checked "
-            f"({', '.join(KNOWN_SOURCES)}). "
-            "Leave Falcon unpatched (strict=False), or set PATCHKIT_TRUST_TRANSFORMERS=1 / trust_transformers=True"
+            "flash2's Falcon attention relies on FalconAttention.forward (and FalconModel / FalconDecoderLayer); "
+            f"their source in the installed transformers {_transformers_version()} differs from the releases "
+            f"checked ({', '.join(KNOWN_SOURCES)}). "
+            "Leave Falcon unpatched (strict=False), install a checked release, "
+            "or set PATCHKIT_TRUST_TRANSFORMERS=1 / trust_transformers=True"
         )
+
+
+def _own_forward(module: Any) -> bool:
+    """A subclass of ``FalconAttention`` with its own ``forward`` (transformers' own classes excepted)."""
+    from transformers.models.falcon import modeling_falcon as mf
+
+    base: Any = classes()[0]
+    known = tuple(getattr(mf, "FALCON_ATTENTION_CLASSES", {}).values()) or (base,)
+    return (type(module) not in known and type(module).forward is not base.forward) or "forward" in module.__dict__
 
 
 def check(module: Any, ctx: Any) -> str | None:
     """Refuse (UnsupportedError) a subclass with its own ``forward`` (it would be replaced), an unknown
-    transformers source, or no fitting kernel (e.g. ALiBi on the torch kernel)."""
-    from transformers.models.falcon.modeling_falcon import FALCON_ATTENTION_CLASSES
-
-    base: Any = classes()[0]
-    own = type(module) not in FALCON_ATTENTION_CLASSES.values() and type(module).forward is not base.forward
-    if own or "forward" in module.__dict__:
+    transformers source, ALiBi on transformers >= 5.25, or no fitting kernel (e.g. ALiBi on the torch
+    kernel)."""
+    if not legacy() and not dispatching():  # neither layout: no trust option can make this exact
+        raise UnsupportedError(
+            f"flash2 does not know the FalconAttention of transformers {_transformers_version()}: it neither "
+            "picks a class from FALCON_ATTENTION_CLASSES (<= 5.24) nor dispatches through ALL_ATTENTION_FUNCTIONS "
+            "(5.25). Leave Falcon unpatched (strict=False) or install a checked release "
+            f"({', '.join(KNOWN_SOURCES)})"
+        )
+    if _own_forward(module):
         raise UnsupportedError(
             f"{type(module).__name__} has its own forward, which flash2 would replace with FalconAttention's "
             "logic: leave it unpatched (strict=False) or patch a plain FalconAttention"
@@ -188,6 +248,18 @@ def check(module: Any, ctx: Any) -> str | None:
     _require_known_source(ctx)
     require_base(ctx.root, module, (classes()[1],))
     check_output_attentions(module.config)
+    if dispatching():
+        if module.config.alibi:
+            raise UnsupportedError(
+                f"ALiBi Falcon (falcon-rw style) is not supported by flash2 on transformers {_transformers_version()}: "
+                "this release folds the ALiBi bias into the dense 4D attention mask it hands to the attention "
+                "interface, which the varlen kernels do not read. Leave it unpatched (strict=False; "
+                "attn_implementation='sdpa' is exact), or use transformers 5.24 (flash2 patches falcon-rw there)"
+            )
+        if dispatch.STATE_ATTR in module.__dict__:
+            raise UnsupportedError("this attention module is already patched by flash2: reverse first")
+        pick_backend(module, ctx, _needs(module))
+        return None
     try:
         pick_backend(module, ctx, _needs(module))
     except UnsupportedError as exc:
@@ -200,8 +272,14 @@ def check(module: Any, ctx: Any) -> str | None:
     return None
 
 
-def build(module: Any, ctx: Any) -> nn.Module:
-    """A parameter-sharing instance of the flash2 subclass of ``type(module)``."""
+def build(module: Any, ctx: Any) -> nn.Module | None:
+    """A parameter-sharing instance of the flash2 subclass of ``type(module)`` (<= 5.24); from 5.25 the
+    kernel stored on the module instance (journaled), the module object staying in place."""
+    if dispatching():
+        backend = pick_backend(module, ctx, _needs(module))
+        ctx.note(f"kernel: {backend.name} ({backend.plugin})")
+        ctx.set_attr(module, dispatch.STATE_ATTR, dispatch.Flash2State(backend=backend))
+        return None
     state = dispatch.Flash2State(
         backend=pick_backend(module, ctx, _needs(module)),
         alibi_slopes=alibi_slopes(module) if module.config.alibi else None,
@@ -213,14 +291,19 @@ def build(module: Any, ctx: Any) -> nn.Module:
     return new
 
 
+def _patched(module: Any) -> bool:
+    return isinstance(module, Flash2Mixin) or dispatch.STATE_ATTR in module.__dict__
+
+
 def _unpatched(base: nn.Module) -> list[str]:
     """Falcon attention modules of ``base`` left unpatched (``skip=`` / ``only=``)."""
     attention = classes()[0]
-    return [n for n, m in base.named_modules() if isinstance(m, attention) and not isinstance(m, Flash2Mixin)]
+    return [n for n, m in base.named_modules() if isinstance(m, attention) and not _patched(m)]
 
 
 def setup(root: nn.Module, ctx: Any) -> None:
-    """Wrap each FalconModel holding replaced attention (journaled instance ``forward``).
+    """Wrap each FalconModel holding replaced attention (journaled instance ``forward``); from 5.25 also
+    route its config through ``"patchkit"`` (journaled, as for Llama).
 
     FalconModel passes no per-call kwargs to its layers, so padding-free calls carry the packed
     boundaries in :class:`dispatch.ActiveForward` (``carrier="context"``) and point the host's mask
@@ -231,7 +314,7 @@ def setup(root: nn.Module, ctx: Any) -> None:
     base_class = classes()[1]
     asked = bool(ctx.option("padding_free", True))
     for base in root.modules():
-        if isinstance(base, base_class) and any(isinstance(m, Flash2Mixin) for m in base.modules()):
+        if isinstance(base, base_class) and any(_patched(m) for m in base.modules()):
             left = _unpatched(base)
             off: tuple[str, str] | None = None
             why = ""
@@ -243,6 +326,9 @@ def setup(root: nn.Module, ctx: Any) -> None:
                     "only, no padding-free speed-up); patch every layer for padding-free",
                 )
             on = asked and not left
+            if dispatching():
+                route_through_patchkit(base, ctx, on, why, carrier="context", off_reason=off)
+                continue
             wrapper = padfree.make_forward(
                 base, base.forward, padding_free=on, pass_kwargs=False, carrier="context", off_reason=off
             )

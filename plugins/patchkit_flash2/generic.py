@@ -61,6 +61,9 @@ DECLINED = {
     "JetMoeAttention": "mixture-of-attention-heads experts route each token's heads",
     "PhimoeAttention": "its eager path ignores config.sliding_window, which the kernels would apply",
 }
+# Modules with a patcher of their own in this plugin, never taken here even when they dispatch through the
+# interface: that patcher's refusal must stand (Falcon >= 5.25 dispatches, but folds ALiBi into the mask).
+OWN_PATCHER = frozenset({"transformers.models.falcon.modeling_falcon"})
 # Layer types that are attention: anything else in config.layer_types (linear attention, Mamba,
 # convolutions) keeps per-sequence state the packed call would mix.
 ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "attention", "chunked_attention"})
@@ -101,7 +104,7 @@ def match(module: nn.Module, path: str, root: nn.Module) -> bool:
     if "transformers" not in sys.modules or not hasattr(module, "config"):
         return False
     cls = type(module)
-    if not cls.__module__.startswith("transformers.models."):
+    if not cls.__module__.startswith("transformers.models.") or cls.__module__ in OWN_PATCHER:
         return False
     if getattr(module, "is_causal", None) is not True or getattr(module.config, "is_encoder_decoder", False):
         return False

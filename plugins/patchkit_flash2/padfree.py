@@ -277,6 +277,9 @@ def _call_view(base: torch.nn.Module, state: dispatch.ActiveForward) -> Iterator
     if current is None:  # not a plain attribute: the host builds its own mask (slower, still exact)
         yield
         return
+    if dispatch.routed(current):  # the config itself goes through "patchkit" (Falcon, transformers >= 5.25)
+        yield
+        return
     view, origin = dispatch.call_view(current)
     base.__dict__["config"] = view
     state.config = view

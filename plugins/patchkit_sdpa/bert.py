@@ -71,6 +71,7 @@ def _reference() -> dict[str, type]:
 KNOWN_SOURCES = {
     "5.17.0": "03afdbeb9947d982b75b3daf95be82ec2127382da1da57dd27d2fb8d86744d9d",
     "5.24.0": "d5840468031e44bef6b772b2c8cf6f1e91aba3685609a6ef2c5eb26c277a401b",
+    "5.25.0": "d5840468031e44bef6b772b2c8cf6f1e91aba3685609a6ef2c5eb26c277a401b",  # same source as 5.24.0
 }
 
 
@@ -92,10 +93,12 @@ def mirrored(ref: dict[str, Any]) -> list[Any]:
 KNOWN_SOURCES_PRE_LN = {
     "5.17.0": "1795f06ab39beeb222d9c417cb242594f57ba4d603d95fa6c5a862c32d988d1d",
     "5.24.0": "ff9ea569ef326543d2953eb981102820a495f638ac6e68ce8f68f416765520e0",
+    "5.25.0": "ff9ea569ef326543d2953eb981102820a495f638ac6e68ce8f68f416765520e0",  # same source as 5.24.0
 }
 KNOWN_SOURCES_XL = {
     "5.17.0": "f2141134046955e46aa7a7480820c8c01f7344ff167fb3e905fb199d03d4b486",
     "5.24.0": "6833602d19b85f9afb1c3b1f61ab374fc096d302a8f9fd7275306bece1495d08",
+    "5.25.0": "6833602d19b85f9afb1c3b1f61ab374fc096d302a8f9fd7275306bece1495d08",  # same source as 5.24.0
 }
 
 

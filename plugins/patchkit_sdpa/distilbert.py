@@ -75,6 +75,7 @@ def _reference() -> dict[str, type]:
 KNOWN_SOURCES = {
     "5.17.0": "dfee84188d23fe73966d4cba8d2de3b93fa6867f2f9ad69e570f9c1e9fbd877e",
     "5.24.0": "3dc1d5d1c9331355443a791b385c4d4d3607e44e7679f217ebc5d60ff0bbd792",
+    "5.25.0": "3dc1d5d1c9331355443a791b385c4d4d3607e44e7679f217ebc5d60ff0bbd792",  # same source as 5.24.0
 }
 
 

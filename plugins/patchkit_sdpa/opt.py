@@ -71,6 +71,7 @@ def _reference() -> dict[str, type]:
 KNOWN_SOURCES = {
     "5.17.0": "ee8c4e66fc43a5f7020c42effaf52b4ac81591ae696165df80daf2ef8294fa1f",
     "5.24.0": "db36edafbc37bc9ca9419679f54a4623cb09fd8a25d059fed98134cd2fcaced2",
+    "5.25.0": "db36edafbc37bc9ca9419679f54a4623cb09fd8a25d059fed98134cd2fcaced2",  # same source as 5.24.0
 }
 
 
