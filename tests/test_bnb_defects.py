@@ -17,6 +17,7 @@ import patchkit
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
 from patchkit_bnb.record import record_of  # noqa: E402
+from patchkit_bnb.saving import quantized_state_dict  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 
@@ -40,8 +41,11 @@ def test_4bit_compute_dtype_leaves_user_biases_and_reverse_bit_exact(
     family: str, compute: torch.dtype, keep: str | None
 ) -> None:
     model = tiny_bert()
-    before = full_state(model)
     biases = _biases(model)
+    with torch.no_grad():
+        for p in biases.values():
+            p.normal_()  # BERT initializes biases to zero, which every dtype holds exactly
+    before = full_state(model)
     values = {n: p.detach().clone() for n, p in biases.items()}
     patchkit.apply(model, quantize=family, compute_dtype=compute, keep_original=keep)
     ids = tokens()
@@ -187,4 +191,8 @@ def test_gpt2_conv1d_quantized_checkpoint_reloads_with_equal_logits(family: str,
     assert quantized == {n for n, m in reloaded.named_modules() if isinstance(m, cls)}
     assert isinstance(reloaded.get_submodule("transformer.h.1.mlp.c_proj"), Conv1D)  # skipped stays Conv1D
     assert torch.equal(output(reloaded, ids), expected)
+    written = quantized_state_dict(model)
+    loaded = {k: v for k, v in reloaded.state_dict().items() if k in written}
+    assert set(loaded) == set(written)  # every tensor written (quantization state included) was loaded
+    assert all(torch.equal(loaded[k].cpu(), written[k]) for k in loaded), "reloaded tensors differ"
     patchkit.reverse(model)

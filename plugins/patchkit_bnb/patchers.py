@@ -124,7 +124,7 @@ def make_patchers() -> list[Patcher]:
             # Requirements.packages reads package metadata for every candidate layer.
             requires=Requirements(),
             description=_DESCRIPTIONS[family],
-            covers=("torch.nn.Linear and subclasses (not GPT-2's Conv1D)",),
+            covers=("torch.nn.Linear and subclasses", "transformers' Conv1D (GPT-2 and kin)"),
             options=OPTION_DOCS,
         )
         for family in ("int8", "fp4", "nf4")
