@@ -196,3 +196,30 @@ def test_gpt2_conv1d_quantized_checkpoint_reloads_with_equal_logits(family: str,
     assert set(loaded) == set(written)  # every tensor written (quantization state included) was loaded
     assert all(torch.equal(loaded[k].cpu(), written[k]) for k in loaded), "reloaded tensors differ"
     patchkit.reverse(model)
+
+
+# --- 5. a rolled-back apply leaves no kept file behind ---------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["int8", "nf4"])
+def test_rolled_back_apply_deletes_the_kept_files_and_reverse_still_reads_them(
+    family: str, tmp_path: os.PathLike[str]
+) -> None:
+    """The kept folder files are removed by a journaled undo step (not only by ``restore``), so a
+    rollback cleans up whether or not the engine calls the patcher's ``restore`` on it."""
+    from exactness import failing_patcher, registry_plus
+
+    folder = os.path.join(tmp_path, "kept")
+    model = tiny_llama()
+    before = full_state(model)
+    with pytest.raises(RuntimeError, match="injected build failure"):
+        patchkit.apply(
+            model, quantize=family, keep_original=folder, patch="boom", registry=registry_plus(failing_patcher())
+        )
+    assert full_state(model) == before
+    assert not os.listdir(folder)  # the files written by the quantizer's builds are gone
+    patchkit.apply(model, quantize=family, keep_original=folder)
+    assert len(os.listdir(folder)) == 14  # 2 layers x 7 projections
+    patchkit.reverse(model)  # reads them back bit-identical, then deletes them
+    assert full_state(model) == before
+    assert not os.listdir(folder)

@@ -19,7 +19,7 @@ from .dequantize import fourbit_weight, int8_weight
 from .guard import guard_layer
 from .keep import keep_in_ram, keep_on_disk
 from .options import Options, read_options
-from .record import DTYPE_MARKER, RECORD_ATTR, QuantRecord
+from .record import DTYPE_MARKER, RECORD_ATTR, QuantRecord, drop_kept
 from .runtime import load_bnb, unsupported_tensor
 from .selection import model_facts, shared_weight
 
@@ -191,6 +191,9 @@ def make_build(family: str) -> Callable[[nn.Module, PatchContext], nn.Module]:
                 record.kept = keep_in_ram(kept_weight)
                 ctx.note(f"{family}: original kept in RAM, reverse is bit-identical (dequantized {error_text(error)})")
             elif opts.keep_original is not None:
+                # Recorded before the file is written: an apply rolled back later deletes it (a no-op
+                # when it was never written, or after reverse already read and deleted it).
+                ctx.on_reverse(functools.partial(drop_kept, record), f"{family}: kept original file removed")
                 record.kept_file = keep_on_disk(kept_weight, opts.keep_original, ctx.path)
                 ctx.note(f"{family}: original kept in {record.kept_file}, reverse is bit-identical")
             else:

@@ -59,3 +59,11 @@ def record_of(module: nn.Module) -> QuantRecord | None:
     """The record patchkit left on a bitsandbytes layer it built, or ``None``."""
     found = module.__dict__.get(RECORD_ATTR)
     return found if isinstance(found, QuantRecord) else None
+
+
+def drop_kept(record: QuantRecord) -> None:
+    """Forget the kept original: delete its folder file (if written) and drop the RAM copy. Idempotent."""
+    if record.kept_file is not None and os.path.exists(record.kept_file):
+        os.remove(record.kept_file)
+    record.kept_file = None
+    record.kept = None

@@ -12,7 +12,7 @@ from patchkit import PatchContext, PatchError
 
 from .dequantize import fourbit_weight, int8_weight
 from .quantize import error_text
-from .record import DTYPE_MARKER, QuantRecord, record_of
+from .record import DTYPE_MARKER, QuantRecord, drop_kept, record_of
 from .runtime import load_bnb
 
 
@@ -37,7 +37,7 @@ def restore(original: nn.Module, replacement: nn.Module, ctx: PatchContext) -> C
             "its original weight cannot be restored"
         )
     if not record.freed:
-        return lambda: _drop_kept(record)
+        return lambda: drop_kept(record)
     current = replacement._parameters.get("weight")
     if current is None:
         raise PatchError(f"{ctx.path}: the quantized layer has no weight anymore; cannot restore the original")
@@ -87,7 +87,7 @@ def restore(original: nn.Module, replacement: nn.Module, ctx: PatchContext) -> C
     def commit() -> None:
         original.weight.data = values
         record.freed = False  # a second restore (a reverse resumed after a failure) changes nothing
-        _drop_kept(record)
+        drop_kept(record)
         bias = original.bias
         if bias is not None and bias.dtype != dtype and marker is not None:
             bias.data = bias.data.to(dtype)  # only a dtype the marker did not follow: keep the layer whole
@@ -112,10 +112,3 @@ def _read_kept(record: QuantRecord, path: str) -> torch.Tensor:
             f"{tuple(record.shape)} {record.dtype} weight; restore the right file and call reverse again"
         )
     return tensor
-
-
-def _drop_kept(record: QuantRecord) -> None:
-    if record.kept_file is not None and os.path.exists(record.kept_file):
-        os.remove(record.kept_file)
-    record.kept_file = None
-    record.kept = None
