@@ -223,3 +223,19 @@ def test_rolled_back_apply_deletes_the_kept_files_and_reverse_still_reads_them(
     patchkit.reverse(model)  # reads them back bit-identical, then deletes them
     assert full_state(model) == before
     assert not os.listdir(folder)
+
+
+def test_4bit_bias_copy_compiles_without_graph_breaks() -> None:
+    """torch.compile traces the bias-copying forward in one graph (the view is dynamo-friendly)."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    with torch.no_grad():
+        model[0].bias.normal_()
+    bias = model[0].bias.detach().clone()
+    patchkit.apply(model, quantize="nf4", compute_dtype=torch.bfloat16)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        expected = model(x)
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        assert torch.equal(compiled(x), expected)
+    assert model[0].bias.dtype == torch.float32 and torch.equal(model[0].bias, bias)
+    patchkit.reverse(model)

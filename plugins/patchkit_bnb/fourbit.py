@@ -27,20 +27,17 @@ from torch import nn
 class _BiasView:
     """``layer`` as its own forward sees it, except that ``bias`` is ``bias`` (a cast copy)."""
 
-    __slots__ = ("_layer", "bias")
-
     def __init__(self, layer: nn.Module, bias: torch.Tensor) -> None:
-        object.__setattr__(self, "_layer", layer)
-        object.__setattr__(self, "bias", bias)
+        self.__dict__.update(_layer=layer, bias=bias)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._layer, name)
+    def __getattr__(self, name: str) -> Any:  # only for names not in the view's own __dict__
+        return getattr(self.__dict__["_layer"], name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "bias":  # a forward re-assigning the bias changes only the copy
-            object.__setattr__(self, name, value)
+            self.__dict__["bias"] = value
         else:
-            setattr(self._layer, name, value)
+            setattr(self.__dict__["_layer"], name, value)
 
 
 def call_keeping_bias(
