@@ -70,8 +70,12 @@ def test_reverse_with_a_missing_kept_file_stays_patched_and_resumes(tmp_path: Pa
 def test_reverse_of_a_quantized_model_moved_to_meta_refuses_and_stays_patched(tmp_path: Path) -> None:
     model = tiny_llama()
     patchkit.apply(model, quantize="nf4")
+    with pytest.raises(PatchedModelError, match="reverse"):
+        model.to("meta")  # refused before anything moves (tests/test_bnb_defects.py)
+    layer = model.model.layers[0].self_attn.q_proj
     with pytest.raises(RuntimeError):
-        model.to("meta")  # bitsandbytes' Params4bit refuses midway: part of the model is on meta now
+        # around patchkit's guard: bitsandbytes moves the quantization state to meta, then refuses midway
+        nn.Module._apply(layer, lambda t: t.to("meta"))
     with pytest.raises(PatchError, match="still patched"):
         patchkit.reverse(model)
     assert patchkit.is_patched(model)

@@ -28,13 +28,13 @@ class PatchkitLinear8bitLt(bnb.nn.Linear8bitLt):
         """Dequantize-then-matmul for CPU inputs when ``cpu_dequantize``; else bitsandbytes' forward."""
         weight = self.weight
         if not (self.cpu_dequantize and x.device.type == "cpu" and weight.dtype == torch.int8):
-            return call_keeping_bias(self, super().forward, x)
+            return call_keeping_bias(self, bnb.nn.Linear8bitLt.forward, x, x.dtype)
         scb = getattr(weight, "SCB", None)
         if scb is None:  # bitsandbytes' own forward (e.g. a PEFT merge) may have moved it to the state
             scb = self.state.SCB
         if scb is None:
             # never quantized: bitsandbytes raises its own clear error
-            return call_keeping_bias(self, super().forward, x)
+            return call_keeping_bias(self, bnb.nn.Linear8bitLt.forward, x, x.dtype)
         # int8 rows times their scales, produced in the input dtype in one pass (int8 * float -> float).
         dense = weight.data * (scb.float() * (1.0 / 127.0)).to(x.dtype).unsqueeze(1)
         bias = None if self.bias is None else self.bias.to(x.dtype)

@@ -10,6 +10,7 @@ from torch import nn
 
 from patchkit import PatchContext, Patcher, Requirements, UnsupportedError
 
+from .guard import guard_root
 from .options import OPTION_DOCS, read_options
 from .quantize import PRECOMPUTED, int8_quantize, linear_weight, make_build, refuse_load
 from .reverse import restore
@@ -81,7 +82,8 @@ def make_setup(family: str) -> Callable[[nn.Module, PatchContext], None]:
 
     PEFT reads ``is_loaded_in_8bit`` / ``is_loaded_in_4bit`` to wrap these layers with its
     bitsandbytes-aware LoRA classes (whose merge dequantizes and requantizes); without the flag
-    it would add LoRA deltas straight into the packed integer weights. Journaled: reverse removes it.
+    it would add LoRA deltas straight into the packed integer weights. Also guards ``load_state_dict``
+    and moves to the meta device (:mod:`patchkit_bnb.guard`). Journaled: reverse removes them.
     """
     flag = "is_loaded_in_8bit" if family == "int8" else "is_loaded_in_4bit"
 
@@ -92,6 +94,8 @@ def make_setup(family: str) -> Callable[[nn.Module, PatchContext], None]:
             # (recorded first: dropping a hook that was never added is harmless).
             ctx.on_reverse(functools.partial(drop_load_guard, root), "load_state_dict guard removed")
             root._register_load_state_dict_pre_hook(refuse_load)
+            # model.to("meta") is refused at the root, before any child moves (journaled instance _apply).
+            guard_root(root, ctx.set_attr)
 
     return setup
 
@@ -120,7 +124,7 @@ def make_patchers() -> list[Patcher]:
             # Requirements.packages reads package metadata for every candidate layer.
             requires=Requirements(),
             description=_DESCRIPTIONS[family],
-            covers=("torch.nn.Linear and subclasses (not GPT-2's Conv1D)",),
+            covers=("torch.nn.Linear and subclasses", "transformers' Conv1D (GPT-2 and kin)"),
             options=OPTION_DOCS,
         )
         for family in ("int8", "fp4", "nf4")

@@ -15,6 +15,7 @@ from torch import nn
 from patchkit import PatchContext, PatchedModelError, UnsupportedError
 
 from .dequantize import fourbit_weight, int8_weight
+from .guard import guard_layer
 from .options import Options, read_options
 from .record import DTYPE_MARKER, RECORD_ATTR, QuantRecord
 from .runtime import load_bnb, unsupported_tensor
@@ -155,6 +156,7 @@ def make_build(family: str) -> Callable[[nn.Module, PatchContext], nn.Module]:
         # the dtype the rest of the model has by then (zero elements, not saved).
         layer.register_buffer(DTYPE_MARKER, torch.empty(0, dtype=original.dtype, device=original.device), False)
         layer._register_load_state_dict_pre_hook(refuse_load)
+        guard_layer(layer)  # model.to('meta') is refused before anything moves (see guard.py)
         # A weight another module also uses (tied, with skip_defaults=False) must stay in place.
         free = not shared_weight(ctx.root, module, model_facts(ctx))
         record = QuantRecord(

@@ -12,6 +12,7 @@ exactly the layers patchkit converted.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -25,6 +26,7 @@ from patchkit import UnsupportedError
 from .dequantize import unpacked_4bit
 from .record import QuantRecord, record_of
 from .runtime import load_bnb
+from .selection import is_conv1d
 
 
 def _fourbit_entries(bnb: Any, layer: Any, record: QuantRecord, prefix: str) -> dict[str, torch.Tensor]:
@@ -70,12 +72,43 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return unique
 
 
+@functools.lru_cache(maxsize=1)
+def conv1d_reload_problem() -> str | None:
+    """Why the installed transformers could not reload a quantized ``Conv1D`` checkpoint, or ``None``.
+
+    A capability probe, not a version list: transformers' own ``replace_with_bnb_linear`` is run on
+    a one-``Conv1D`` model on the meta device (nothing allocated) with ``pre_quantized=True``, as
+    its loader does. transformers 5.x converts a ``Conv1D`` there into a bitsandbytes layer of
+    ``in_features, out_features = weight.shape`` and loads pre-quantized weights as saved (the
+    ``[out, in]`` orientation patchkit quantized, no transpose), which is what this checks.
+    """
+    try:
+        from transformers import BitsAndBytesConfig
+        from transformers.integrations import replace_with_bnb_linear
+        from transformers.pytorch_utils import Conv1D
+    except Exception as exc:
+        return f"this transformers has no bitsandbytes integration for Conv1D ({type(exc).__name__}: {exc})"
+    bnb = load_bnb()
+    with torch.device("meta"):
+        probe = nn.Module()
+        probe.proj = Conv1D(24, 8)  # nf=24 outputs, nx=8 inputs: weight [8, 24]
+    try:
+        replace_with_bnb_linear(probe, quantization_config=BitsAndBytesConfig(load_in_4bit=True), pre_quantized=True)
+    except Exception as exc:
+        return f"transformers' replace_with_bnb_linear failed on a Conv1D ({type(exc).__name__}: {exc})"
+    layer = probe.proj
+    if not isinstance(layer, bnb.nn.Linear4bit) or (layer.in_features, layer.out_features) != (8, 24):
+        return "this transformers version does not convert Conv1D layers to bitsandbytes layers when loading"
+    return None
+
+
 def bnb_config(model: nn.Module) -> Any:
     """The ``BitsAndBytesConfig`` describing what patchkit quantized in ``model``.
 
     Raises :class:`UnsupportedError` when transformers could not rebuild it: no quantized layer,
-    mixed families, or a quantized layer whose original class is not exactly ``nn.Linear``
-    (transformers converts only exact ``nn.Linear`` on load, e.g. not Falcon's ``FalconLinear``).
+    mixed families, or a quantized layer transformers would not convert on load. transformers
+    converts only exact ``nn.Linear`` (not e.g. Falcon's ``FalconLinear``) and its ``Conv1D``
+    (GPT-2 and kin; checked by :func:`conv1d_reload_problem` on the installed version).
     """
     from transformers import BitsAndBytesConfig
     from transformers.quantizers.quantizers_utils import should_convert_module
@@ -89,14 +122,24 @@ def bnb_config(model: nn.Module) -> Any:
             f"layers are quantized with several families {sorted(families)}; one checkpoint holds one"
         )
     family = families.pop()
-    odd = sorted(n for n, r in records.items() if r.source is not nn.Linear)
+    convs = sorted(n for n, r in records.items() if r.transposed)
+    problem = conv1d_reload_problem() if convs else None
+    if problem is not None:
+        raise UnsupportedError(
+            f"the installed transformers could not reload the quantized Conv1D layers {convs[:3]}"
+            f"{' ...' if len(convs) > 3 else ''}: {problem}. Apply with skip=[...] naming them to save, upgrade "
+            "transformers (5.x reloads them), or reverse and save the full-precision model"
+        )
+    odd = sorted(n for n, r in records.items() if r.source is not nn.Linear and not r.transposed)
     if odd:
         raise UnsupportedError(
-            f"transformers only quantizes exact nn.Linear layers when loading, so it could not reload {odd[:3]}"
-            f"{' ...' if len(odd) > 3 else ''} ({records[odd[0]].source.__name__}); apply with skip=[...] naming "
-            "them to save, or reverse and save the full-precision model"
+            f"transformers only quantizes exact nn.Linear layers (and Conv1D) when loading, so it could not reload "
+            f"{odd[:3]}{' ...' if len(odd) > 3 else ''} ({records[odd[0]].source.__name__}); apply with skip=[...] "
+            "naming them to save, or reverse and save the full-precision model"
         )
-    plain = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in records)
+    plain = sorted(
+        n for n, m in model.named_modules() if (isinstance(m, nn.Linear) or is_conv1d(m)) and n not in records
+    )
     skip = [re.escape(n) for n in plain]
     fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
     clash = [n for n in records if not should_convert_module(n, skip + fp32)]

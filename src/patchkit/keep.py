@@ -100,7 +100,8 @@ class Kept:
         """Whether the replacement still holds the parameters it was built with (nothing merged into it).
         Buffers are not compared: every ``.to()``/``.half()`` gives a module new buffer objects."""
         now = list(replacement.parameters())
-        return len(now) == len(self.replacement_tensors) and all(a is b for a, b in zip(now, self.replacement_tensors))
+        built = self.replacement_tensors
+        return len(now) == len(built) and all(a is b for a, b in zip(now, built, strict=True))
 
     def gather(self, where: str) -> dict[str, torch.Tensor]:
         """The kept values, read back and checked against the tensors they belong to; changes nothing."""
