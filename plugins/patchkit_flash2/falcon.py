@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from patchkit import Patcher, UnsupportedError, share_as
+from patchkit.toolkit import require_known
 
 from . import dispatch, padfree
 from .common import check_output_attentions, pick_backend, require_base
@@ -134,8 +135,7 @@ def _needs(module: Any) -> set[str]:
 
 
 # sha256 of the source of the transformers methods ``_forward`` and the FalconModel wrapper mirror,
-# per release checked. Same scheme as patchkit_sdpa/_fingerprint.py, carried as a copy so that this
-# plugin keeps loading (and can be disabled) independently of the sdpa plugin.
+# per release checked (patchkit.toolkit.require_known, the scheme the sdpa plugin's paths use too).
 KNOWN_SOURCES = {
     "5.17.0": "067c9d0d10ca7c2b9135f29daba144fd06c1fbffde276276d4da1ef93a7776b5",
     "5.24.0": "25f2cd7dd94ce56dc1bbe6e554251e628d75cc87450376a1e09989399b4a8e77",
@@ -154,25 +154,6 @@ def mirrored() -> list[Any]:
     ]
 
 
-def _require_known_source(ctx: Any) -> None:
-    import hashlib
-    import inspect
-    import os
-    import textwrap
-
-    digest = hashlib.sha256()
-    for fn in mirrored():
-        digest.update(f"{fn.__qualname__}\n{textwrap.dedent(inspect.getsource(fn))}\n".encode())
-    trusted = os.environ.get("PATCHKIT_TRUST_TRANSFORMERS", "") not in ("", "0") or ctx.option("trust_transformers")
-    if digest.hexdigest() not in KNOWN_SOURCES.values() and not trusted:
-        raise UnsupportedError(
-            "flash2's Falcon attention re-derives FalconAttention.forward (and FalconModel / FalconDecoderLayer); "
-            "their source in the installed transformers differs from the releases checked "
-            f"({', '.join(KNOWN_SOURCES)}). "
-            "Leave Falcon unpatched (strict=False), or set PATCHKIT_TRUST_TRANSFORMERS=1 / trust_transformers=True"
-        )
-
-
 def check(module: Any, ctx: Any) -> str | None:
     """Refuse (UnsupportedError) a subclass with its own ``forward`` (it would be replaced), an unknown
     transformers source, or no fitting kernel (e.g. ALiBi on the torch kernel)."""
@@ -185,7 +166,7 @@ def check(module: Any, ctx: Any) -> str | None:
             f"{type(module).__name__} has its own forward, which flash2 would replace with FalconAttention's "
             "logic: leave it unpatched (strict=False) or patch a plain FalconAttention"
         )
-    _require_known_source(ctx)
+    require_known("flash2's Falcon attention", mirrored(), KNOWN_SOURCES, ctx)
     require_base(ctx.root, module, (classes()[1],))
     check_output_attentions(module.config)
     try:
