@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 from patchkit import hookspecs
@@ -20,6 +22,24 @@ def test_plugin_guide_shows_the_example_distribution_verbatim():
     example = ROOT / "docs" / "example-plugin"
     assert (example / "pyproject.toml").read_text() in code_blocks(guide, "toml")
     assert (example / "src" / "patchkit_nodropout" / "__init__.py").read_text() in code_blocks(guide, "python")
+
+
+def test_installing_the_example_plugin_leaves_the_source_tree_clean(example_plugin_site: Path) -> None:
+    """The fixture pip-installs docs/example-plugin from a copy: nothing is built next to its sources."""
+    from conftest import BUILD_LEFTOVERS, EXAMPLE_PLUGIN
+
+    assert (example_plugin_site / "patchkit_nodropout" / "__init__.py").is_file()  # the fixture did install it
+    leftovers = sorted(str(p.relative_to(ROOT)) for pattern in BUILD_LEFTOVERS for p in EXAMPLE_PLUGIN.rglob(pattern))
+    assert not leftovers, f"built in the source tree (delete them if an older run left them): {leftovers}"
+    if (ROOT / ".git").exists() and shutil.which("git"):
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--ignored", "--", str(EXAMPLE_PLUGIN)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert status == "", f"docs/example-plugin is not as committed:\n{status}"
 
 
 def test_every_hook_is_documented_and_tested():
