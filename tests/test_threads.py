@@ -190,6 +190,7 @@ CHILD = textwrap.dedent(
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
 @pytest.mark.skipif(len(getattr(os, "sched_getaffinity", lambda _: [])(0)) < 2, reason="needs 2 CPUs")
+@pytest.mark.slow  # a child process timed against a busy competitor
 def test_patched_encoder_uses_the_free_core_under_a_competitor() -> None:
     """A busy process on one of two CPUs: the packed encoder's region drops to one thread (the
     caller's 2 restored after every call), stays exact, and goes back to 2 once the competitor is
