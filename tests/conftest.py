@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -35,11 +36,21 @@ def pip_install_target(project: Path, target: Path) -> None:
     )
 
 
+# What building a project in place leaves behind (setuptools' build/ and *.egg-info, bytecode).
+BUILD_LEFTOVERS = ("build", "dist", "*.egg-info", "__pycache__")
+
+
 @pytest.fixture(scope="session")
 def example_plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Folder where the docs' example plugin distribution is pip-installed."""
+    """Folder where the docs' example plugin distribution is pip-installed.
+
+    Built from a copy in a temporary folder: pip builds a local project in place (setuptools writes
+    ``build/`` and ``*.egg-info`` next to the sources), which must not happen in the source tree.
+    """
+    project = tmp_path_factory.mktemp("example-src") / EXAMPLE_PLUGIN.name
+    shutil.copytree(EXAMPLE_PLUGIN, project, ignore=shutil.ignore_patterns(*BUILD_LEFTOVERS))
     target = tmp_path_factory.mktemp("example-site")
-    pip_install_target(EXAMPLE_PLUGIN, target)
+    pip_install_target(project, target)
     return target
 
 

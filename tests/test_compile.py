@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 import patchkit
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # torch.compile: seconds per graph on the CPU
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 

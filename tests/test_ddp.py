@@ -30,6 +30,7 @@ def ddp_results(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # two-process gloo groups
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_ddp_two_processes_match_single_process(scenario, ddp_results):
     ranks = [torch.load(ddp_results / f"{scenario}.rank{r}.pt") for r in range(2)]

@@ -108,6 +108,7 @@ def test_demo_says_when_the_machine_is_too_busy_for_a_fair_figure() -> None:
     assert waited is not None and "waited 30% of the time" in waited and "spread" not in waited
 
 
+@pytest.mark.slow  # the demo timed twice against a busy competitor
 def test_demo_flags_a_competing_process() -> None:
     """A busy process on one of the demo's two CPUs: the demo measures its own threads' run-queue wait and
     says the figure is not fair (the load average counted the demo's own threads, so it said that

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 from patchkit import hookspecs
@@ -20,6 +22,24 @@ def test_plugin_guide_shows_the_example_distribution_verbatim():
     example = ROOT / "docs" / "example-plugin"
     assert (example / "pyproject.toml").read_text() in code_blocks(guide, "toml")
     assert (example / "src" / "patchkit_nodropout" / "__init__.py").read_text() in code_blocks(guide, "python")
+
+
+def test_installing_the_example_plugin_leaves_the_source_tree_clean(example_plugin_site: Path) -> None:
+    """The fixture pip-installs docs/example-plugin from a copy: nothing is built next to its sources."""
+    from conftest import BUILD_LEFTOVERS, EXAMPLE_PLUGIN
+
+    assert (example_plugin_site / "patchkit_nodropout" / "__init__.py").is_file()  # the fixture did install it
+    leftovers = sorted(str(p.relative_to(ROOT)) for pattern in BUILD_LEFTOVERS for p in EXAMPLE_PLUGIN.rglob(pattern))
+    assert not leftovers, f"built in the source tree (delete them if an older run left them): {leftovers}"
+    if (ROOT / ".git").exists() and shutil.which("git"):
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--ignored", "--", str(EXAMPLE_PLUGIN)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert status == "", f"docs/example-plugin is not as committed:\n{status}"
 
 
 def test_every_hook_is_documented_and_tested():
@@ -71,6 +91,13 @@ GUIDE_ITEMS = {
     "API 1.1": "this release: 1.1",
     "unavailable": "the plugin is `unavailable`, with the install command",
     "scoped names": "scopes it as `plugin:name`",
+    # issue 19: what a plugin author hit
+    "checkpoint_source in check and build": "There `ctx.checkpoint_source(tensor)` answers in\n`check` and `build`",
+    "TensorSource.read": "`TensorSource.read(where)` reads the tensor back",
+    "stacked patchers": "**Stacked patchers**",
+    "importable replacement classes": "**Replacement classes must be importable**",
+    "weight copies under the meta build": "### Patchers that copy weights, under `patchkit.from_pretrained`",
+    "toolkit": "## Helpers: `patchkit.toolkit`",
 }
 
 
@@ -90,3 +117,49 @@ def test_api_reference_is_current():
         assert name in api, name
     for flag in ("--patch", "--train", "-o key=value", "--lenient"):
         assert flag in api, flag
+
+
+def _row(markdown: str, call: str) -> str:
+    """The table row of docs/api.md whose first cell starts with ``call``."""
+    rows = [line for line in markdown.splitlines() if line.startswith(f"| `{call}")]
+    assert len(rows) == 1, f"no single row for {call}"
+    return rows[0]
+
+
+def test_api_rows_list_every_parameter_of_the_entry_points():
+    import patchkit
+
+    api = (ROOT / "docs" / "api.md").read_text()
+    for fn in (patchkit.apply, patchkit.from_pretrained, patchkit.save_pretrained):
+        signature = _row(api, f"patchkit.{fn.__name__}(").split("|")[1]
+        for name, param in inspect.signature(fn).parameters.items():
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                name = f"**{name}"
+            assert name in signature, f"docs/api.md: patchkit.{fn.__name__} does not list {name}"
+    assert "`registry=`" in _row(api, "patchkit.from_pretrained(")
+
+
+def test_api_documents_the_toolkit_and_what_plugin_authors_asked():
+    from patchkit import toolkit
+
+    api = (ROOT / "docs" / "api.md").read_text()
+    section = api.split("## Toolkit for plugin authors", 1)[1].split("\n## ", 1)[0]
+    missing = [name for name in toolkit.__all__ if f"`{name}" not in section]
+    assert not missing, f"docs/api.md's toolkit section does not document {missing}"
+    assert "**Stability.**" in section
+    # checkpoint_source: check and build while loading (patcher.py, loading.py), not build alone
+    assert "It answers in both `check` and `build`" in api and "only valid inside `build`" not in api
+    assert '`.read(where="") -> torch.Tensor`' in _row(api, "patchkit.TensorSource")
+    assert "must refuse, or defer the copy" in api
+
+
+def test_patcher_pages_do_not_say_attention_patched_models_refuse_to_save():
+    import patchkit
+
+    registry = patchkit.Registry()
+    registry.load_entry_points()
+    attention = [p for p in registry.patchers() if p.kind == "attention"]
+    assert attention  # saving while patched is verified per save (test_contract, test_save_guard), not declared
+    for page in ("sdpa.md", "flash2.md"):
+        text = " ".join((ROOT / "docs" / "patchers" / page).read_text().split())
+        assert "`save_pretrained` refuses" not in text, page

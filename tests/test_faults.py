@@ -139,8 +139,13 @@ def _count(make: Callable[[], nn.Module], kw: dict[str, Any], phase: str) -> int
     return inj.n
 
 
+def _params(cases: list[str]) -> list[Any]:
+    """The cases, the quantizing ones marked slow (a quantization per fault position)."""
+    return [pytest.param(c, marks=pytest.mark.slow) if "quantize" in CASES[c][1] else c for c in cases]
+
+
 @pytest.mark.parametrize("after", [False, True], ids=["before-op", "after-op"])
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", _params(sorted(CASES)))
 def test_a_fault_anywhere_in_apply_leaves_the_model_as_it_was(case: str, after: bool) -> None:
     make, kw = CASES[case]
     total = _count(make, kw, "apply")
@@ -158,7 +163,7 @@ def test_a_fault_anywhere_in_apply_leaves_the_model_as_it_was(case: str, after: 
 
 
 @pytest.mark.parametrize("after", [False, True], ids=["before-op", "after-op"])
-@pytest.mark.parametrize("case", sorted(set(CASES) - {"nf4"}))  # exact reverse needs keep_original
+@pytest.mark.parametrize("case", _params(sorted(set(CASES) - {"nf4"})))  # exact reverse needs keep_original
 def test_a_fault_anywhere_in_reverse_keeps_it_patched_and_a_second_reverse_is_exact(
     case: str, after: bool, tmp_path: Path
 ) -> None:

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 pytest.importorskip("bitsandbytes")
+pytestmark = pytest.mark.slow  # every benchmark route in its own subprocess
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

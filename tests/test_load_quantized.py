@@ -123,6 +123,7 @@ def _assert_same_tensors(a: nn.Module, b: nn.Module) -> None:
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.slow  # 12 loads, each compared with transformers + apply
 @pytest.mark.parametrize("attention", [None, "sdpa"])
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("arch", ["opt", "bert"])

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 import transformers
-from patchkit_sdpa import _fingerprint, distilbert
+from patchkit_sdpa import distilbert
 from patchkit_sdpa.distilbert import PackedDistilBertMixin
 from test_sdpa_bert import batch, valid_diff
 from torch import nn
@@ -19,6 +19,7 @@ from transformers import DistilBertConfig, DistilBertForSequenceClassification, 
 from transformers.models.distilbert import modeling_distilbert
 
 import patchkit
+from patchkit import toolkit
 
 TINY = dict(
     vocab_size=200,
@@ -233,13 +234,13 @@ def test_a_block_whose_code_differs_is_left_alone() -> None:
 
 
 def test_installed_release_fingerprint_is_recorded() -> None:
-    value = _fingerprint.fingerprint(distilbert.mirrored(distilbert._reference()))
+    value = toolkit.fingerprint(distilbert.mirrored(distilbert._reference()))
     assert distilbert.KNOWN_SOURCES.get(transformers.__version__) == value, "record this release's fingerprint"
 
 
 def test_an_unknown_source_is_refused_warned_or_trusted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(distilbert, "KNOWN_SOURCES", {"5.0.0": "0" * 64})
-    monkeypatch.delenv(_fingerprint.TRUST_ENV, raising=False)
+    monkeypatch.delenv(toolkit.TRUST_ENV, raising=False)
     ref = tiny_distilbert("sdpa")
     model = copy.deepcopy(ref)
     with pytest.raises(patchkit.UnsupportedError, match="differs from the releases it was checked against"):

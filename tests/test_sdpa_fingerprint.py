@@ -13,7 +13,7 @@ import patchkit_flash2.falcon as flash2_falcon
 import pytest
 import torch
 import transformers
-from patchkit_sdpa import _fingerprint, bert, opt
+from patchkit_sdpa import bert, opt
 from test_flash2_falcon import batch as falcon_batch
 from test_flash2_falcon import falcon, logits, max_diff
 from test_sdpa_bert import tiny_bert
@@ -21,6 +21,7 @@ from test_sdpa_opt import padded, tiny_opt, valid_diff
 from transformers.models.falcon import modeling_falcon
 
 import patchkit
+from patchkit import toolkit
 
 PATHS = {
     "bert": (bert, lambda: bert.mirrored(bert._reference())),
@@ -32,12 +33,12 @@ PATHS = {
 def test_the_installed_release_is_a_recorded_known_good_one(name: str) -> None:
     module, functions = PATHS[name]
     assert transformers.__version__ in module.KNOWN_SOURCES, "record this release's fingerprint"
-    assert _fingerprint.fingerprint(functions()) == module.KNOWN_SOURCES[transformers.__version__]
+    assert toolkit.fingerprint(functions()) == module.KNOWN_SOURCES[transformers.__version__]
 
 
 def test_falcon_fingerprint_is_recorded_for_the_installed_release() -> None:
     assert transformers.__version__ in flash2_falcon.KNOWN_SOURCES
-    assert _fingerprint.fingerprint(flash2_falcon.mirrored()) == flash2_falcon.KNOWN_SOURCES[transformers.__version__]
+    assert toolkit.fingerprint(flash2_falcon.mirrored()) == flash2_falcon.KNOWN_SOURCES[transformers.__version__]
 
 
 def test_the_fingerprint_sees_source_changes() -> None:
@@ -47,7 +48,7 @@ def test_the_fingerprint_sees_source_changes() -> None:
     def forward2(self, x):  # type: ignore[no-untyped-def]
         return x  # a comment is a change too
 
-    assert _fingerprint.fingerprint([forward]) != _fingerprint.fingerprint([forward2])
+    assert toolkit.fingerprint([forward]) != toolkit.fingerprint([forward2])
 
 
 def _models(name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -60,7 +61,7 @@ def test_an_unknown_source_is_refused_warned_or_trusted(name: str, monkeypatch: 
     module, _ = PATHS[name]
     # A release this code was never checked on: its fingerprint is not in the table.
     monkeypatch.setattr(module, "KNOWN_SOURCES", {"5.0.0": "0" * 64})
-    monkeypatch.delenv(_fingerprint.TRUST_ENV, raising=False)
+    monkeypatch.delenv(toolkit.TRUST_ENV, raising=False)
     ref, model = _models(name)
     with pytest.raises(patchkit.UnsupportedError, match="differs from the releases it was checked against"):
         patchkit.apply(model, attention="sdpa")
@@ -72,7 +73,7 @@ def test_an_unknown_source_is_refused_warned_or_trusted(name: str, monkeypatch: 
     # the user's explicit trust: an apply option, or the environment variable
     assert len(patchkit.apply(model, attention="sdpa", trust_transformers=True).swaps) == 1
     patchkit.reverse(model)
-    monkeypatch.setenv(_fingerprint.TRUST_ENV, "1")
+    monkeypatch.setenv(toolkit.TRUST_ENV, "1")
     assert len(patchkit.apply(model, attention="sdpa").swaps) == 1
     if name == "opt":
         ids, mask = padded("left")
@@ -89,9 +90,9 @@ def test_an_unknown_source_is_refused_warned_or_trusted(name: str, monkeypatch: 
 
 def test_falcon_unknown_source_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(flash2_falcon, "KNOWN_SOURCES", {"5.0.0": "0" * 64})
-    monkeypatch.delenv(_fingerprint.TRUST_ENV, raising=False)
+    monkeypatch.delenv(toolkit.TRUST_ENV, raising=False)
     model = falcon("new-arch-gqa")
-    with pytest.raises(patchkit.UnsupportedError, match="differs from the releases checked"):
+    with pytest.raises(patchkit.UnsupportedError, match="differs from the releases it was checked against"):
         patchkit.apply(model, attention="flash2", backend="reference")
     assert not patchkit.is_patched(model)
     assert len(patchkit.apply(model, attention="flash2", backend="reference", trust_transformers=True).swaps) == 2

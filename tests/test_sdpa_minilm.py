@@ -22,6 +22,9 @@ SENTENCES = [
 ]
 
 
+pytestmark = pytest.mark.slow  # real all-MiniLM-L6-v2 weights
+
+
 @pytest.fixture(scope="module")
 def tokens() -> dict[str, torch.Tensor]:
     from transformers import AutoTokenizer

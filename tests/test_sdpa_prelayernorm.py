@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 import transformers
-from patchkit_sdpa import _fingerprint, bert
+from patchkit_sdpa import bert
 from patchkit_sdpa.bert import PackedEncoderMixin
 from test_sdpa_bert import TINY, batch, valid_diff
 from torch import nn
@@ -27,6 +27,7 @@ from transformers import (
 )
 
 import patchkit
+from patchkit import toolkit
 
 ARCHS = {
     "roberta-prelayernorm": (
@@ -162,14 +163,14 @@ def test_a_layer_whose_code_differs_is_left_alone(arch: str) -> None:
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_installed_release_fingerprint_is_recorded(arch: str) -> None:
     v = variant(arch)
-    value = _fingerprint.fingerprint(bert.mirrored(v.reference()))
+    value = toolkit.fingerprint(bert.mirrored(v.reference()))
     assert bert.known_sources(v).get(transformers.__version__) == value, "record this release's fingerprint"
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_an_unknown_source_is_refused_or_trusted(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bert, variant(arch).known, {"5.0.0": "0" * 64})
-    monkeypatch.delenv(_fingerprint.TRUST_ENV, raising=False)
+    monkeypatch.delenv(toolkit.TRUST_ENV, raising=False)
     ref = tiny(arch, "sdpa")
     model = copy.deepcopy(ref)
     with pytest.raises(patchkit.UnsupportedError, match="differs from the releases it was checked against"):

@@ -112,7 +112,27 @@ def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
-    assert governed(torch.ones(1)) is not None
+
+
+def test_governed_obeys_the_environment_and_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process-wide ``governed``: with a governor that lowers the count (cap 1, no probe or
+    measurement due), ``PATCHKIT_ADAPT_THREADS=0`` and ``x=None`` leave the caller's count alone."""
+    before = torch.get_num_threads()
+    for name, value in (("cap", 1), ("probing", False), ("last_probe", float("inf")), ("next_measure", float("inf"))):
+        monkeypatch.setattr(threads.governor, name, value)
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.delenv("PATCHKIT_ADAPT_THREADS", raising=False)
+        with governed(torch.ones(1)):
+            assert torch.get_num_threads() == 1  # the governor does lower it here...
+        assert torch.get_num_threads() == 2
+        with governed(None):
+            assert torch.get_num_threads() == 2  # ...but not without a tensor to tell the device
+        monkeypatch.setenv("PATCHKIT_ADAPT_THREADS", "0")
+        with governed(torch.ones(1)):
+            assert torch.get_num_threads() == 2  # ...nor when switched off
+    finally:
+        torch.set_num_threads(before)
 
 
 CHILD = textwrap.dedent(
@@ -170,6 +190,7 @@ CHILD = textwrap.dedent(
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
 @pytest.mark.skipif(len(getattr(os, "sched_getaffinity", lambda _: [])(0)) < 2, reason="needs 2 CPUs")
+@pytest.mark.slow  # a child process timed against a busy competitor
 def test_patched_encoder_uses_the_free_core_under_a_competitor() -> None:
     """A busy process on one of two CPUs: the packed encoder's region drops to one thread (the
     caller's 2 restored after every call), stays exact, and goes back to 2 once the competitor is

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from patchkit import PatchContext, PatchedModelError, UnsupportedError
+from patchkit.toolkit import share_hooks
 
 from .dequantize import fourbit_weight, int8_weight
 from .guard import guard_layer
@@ -20,19 +21,6 @@ from .options import Options, read_options
 from .record import DTYPE_MARKER, RECORD_ATTR, QuantRecord
 from .runtime import load_bnb, unsupported_tensor
 from .selection import model_facts, shared_weight
-
-# Forward/backward hooks: the replacement shares the original's dicts (the same objects), so a
-# hook added or removed on either while quantized is still added / removed after reverse.
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-)
-
 
 # ctx.cache key: (PRECOMPUTED, id(weight)) -> (weight, (CB, SCB)) quantized by check while streaming a load
 PRECOMPUTED = "patchkit_bnb.int8_precomputed"
@@ -150,8 +138,9 @@ def make_build(family: str) -> Callable[[nn.Module, PatchContext], nn.Module]:
         if module.bias is not None:
             layer.bias = module.bias  # shared: same Parameter object, as the contract asks
         layer.train(module.training)
-        for name in _HOOK_DICTS:
-            layer.__dict__[name] = getattr(module, name)
+        # forward/backward hooks: the same dicts, so a hook added or removed on either while quantized
+        # is still added / removed after reverse (not the load hooks: refuse_load is the layer's own)
+        share_hooks(module, layer)
         # Follows .half() / .to(dtype) / .to(device) of the model, so reverse restores the weight in
         # the dtype the rest of the model has by then (zero elements, not saved).
         layer.register_buffer(DTYPE_MARKER, torch.empty(0, dtype=original.dtype, device=original.device), False)

@@ -16,8 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from patchkit.attention_backends import AttentionBackend
-from patchkit.varlen import grouped_sdpa, plan_groups
+from patchkit.toolkit import AttentionBackend, grouped_sdpa, plan_groups
 
 HALF = (torch.float16, torch.bfloat16)
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from patchkit import UnsupportedError
-from patchkit.attention_backends import AttentionBackend, resolve_backend
+from patchkit.toolkit import AttentionBackend, resolve_backend
 
 
 def first_param(module: nn.Module) -> torch.Tensor | None:

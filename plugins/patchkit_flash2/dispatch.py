@@ -28,8 +28,7 @@ from typing import Any
 import torch
 
 from patchkit import UnsupportedError
-from patchkit.attention_backends import AttentionBackend
-from patchkit.padded import PaddedBuffers
+from patchkit.toolkit import AttentionBackend, PaddedBuffers
 
 from . import layout as L
 

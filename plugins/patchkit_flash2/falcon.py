@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from patchkit import Patcher, UnsupportedError, share_as
+from patchkit.toolkit import require_known
 
 from . import dispatch, padfree
 from .common import check_output_attentions, pick_backend, require_base, route_through_patchkit
@@ -173,9 +174,7 @@ def _needs(module: Any) -> set[str]:
 # sha256 of the source of the transformers methods this patcher relies on (:func:`mirrored`), per
 # release checked: up to 5.24 those ``_forward`` and the FalconModel wrapper mirror; from 5.25 the
 # dispatch layout (the attention's interface call, the decoder layer passing no kwargs, the model's
-# mask and cache handling the context carrier stands in for). Same scheme as
-# patchkit_sdpa/_fingerprint.py, carried as a copy so that this plugin keeps loading (and can be
-# disabled) independently of the sdpa plugin.
+# mask and cache handling the context carrier stands in for). Checked by patchkit.toolkit.require_known.
 KNOWN_SOURCES = {
     "5.17.0": "067c9d0d10ca7c2b9135f29daba144fd06c1fbffde276276d4da1ef93a7776b5",
     "5.24.0": "25f2cd7dd94ce56dc1bbe6e554251e628d75cc87450376a1e09989399b4a8e77",
@@ -196,28 +195,6 @@ def _transformers_version() -> str:
     import transformers
 
     return str(transformers.__version__)
-
-
-def _require_known_source(ctx: Any) -> None:
-    import hashlib
-    import os
-    import textwrap
-
-    digest = hashlib.sha256()
-    try:
-        for fn in mirrored():
-            digest.update(f"{fn.__qualname__}\n{textwrap.dedent(inspect.getsource(fn))}\n".encode())
-    except (OSError, TypeError) as exc:  # no source on disk: treated as unknown
-        digest.update(repr(exc).encode())
-    trusted = os.environ.get("PATCHKIT_TRUST_TRANSFORMERS", "") not in ("", "0") or ctx.option("trust_transformers")
-    if digest.hexdigest() not in KNOWN_SOURCES.values() and not trusted:
-        raise UnsupportedError(
-            "flash2's Falcon attention relies on FalconAttention.forward (and FalconModel / FalconDecoderLayer); "
-            f"their source in the installed transformers {_transformers_version()} differs from the releases "
-            f"checked ({', '.join(KNOWN_SOURCES)}). "
-            "Leave Falcon unpatched (strict=False), install a checked release, "
-            "or set PATCHKIT_TRUST_TRANSFORMERS=1 / trust_transformers=True"
-        )
 
 
 def _own_forward(module: Any) -> bool:
@@ -245,7 +222,7 @@ def check(module: Any, ctx: Any) -> str | None:
             f"{type(module).__name__} has its own forward, which flash2 would replace with FalconAttention's "
             "logic: leave it unpatched (strict=False) or patch a plain FalconAttention"
         )
-    _require_known_source(ctx)
+    require_known("flash2's Falcon attention", mirrored(), KNOWN_SOURCES, ctx)
     require_base(ctx.root, module, (classes()[1],))
     check_output_attentions(module.config)
     if dispatching():

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from patchkit import PatchkitWarning, UnsupportedError
-from patchkit.threads import governed
+from patchkit.toolkit import governed, hooked_modules
 
 from . import dispatch
 from . import layout as L
@@ -126,34 +126,6 @@ class PatchedForward:
                 "only, no padding-free speed-up) until they are removed",
             )
         return self.original(**kw)
-
-
-INERT_HOOKS = frozenset({"output_capturing_hook"})  # transformers' output capture: reads outputs by layer
-_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_GLOBAL_HOOKS = (
-    "_global_forward_hooks",
-    "_global_forward_pre_hooks",
-    "_global_backward_hooks",
-    "_global_backward_pre_hooks",
-)
-
-
-def _foreign(hooks: Any) -> bool:
-    return any(getattr(hook, "__name__", None) not in INERT_HOOKS for hook in (hooks or {}).values())
-
-
-def hooked_modules(base: torch.nn.Module) -> list[str]:
-    """Where a hook would see packed tensors in a padding-free call of ``base``: the qualified names
-    of modules *inside* ``base`` (not ``base`` itself, whose hooks see the padded call) carrying a
-    forward / pre-forward / backward hook, and ``"global module hooks"`` when torch's process-wide
-    module hooks are set. transformers' inert ``output_capturing_hook`` does not count."""
-    import torch.nn.modules.module as torch_module
-
-    found = ["global module hooks"] if any(_foreign(getattr(torch_module, n, None)) for n in _GLOBAL_HOOKS) else []
-    for name, module in base.named_modules():
-        if module is not base and any(_foreign(getattr(module, attr, None)) for attr in _MODULE_HOOKS):
-            found.append(name)
-    return found
 
 
 def make_forward(

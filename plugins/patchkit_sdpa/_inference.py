@@ -24,11 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _module_globals
 
-from ._verify import foreign_hooks
-
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks")
+from patchkit.toolkit import foreign_hooks, global_hooks
 
 
 def _no_hooks(module: nn.Module) -> bool:
@@ -52,7 +49,7 @@ def inference_ready(linears: Iterable[Any], others: Iterable[Any], x: torch.Tens
 
     ``others`` are the dropouts / activations the fused path also bypasses.
     """
-    if any(getattr(_module_globals, g, None) for g in _GLOBAL_HOOKS):
+    if global_hooks():
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing():  # graphs get the portable module path
         return False

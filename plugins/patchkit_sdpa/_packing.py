@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from patchkit.varlen import Group, grouped_sdpa, plan_groups
+from patchkit.toolkit import Group, grouped_sdpa, plan_groups
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def _kernel(kernels: Mapping[str, Any] | None, q: torch.Tensor, causal: bool, dr
     key = (tuple(sorted((n, id(b)) for n, b in kernels.items())), str(q.device), q.dtype, needs)
     if key not in _CHOSEN:
         from patchkit import UnsupportedError
-        from patchkit.attention_backends import resolve_backend
+        from patchkit.toolkit import resolve_backend
 
         try:
             chosen = resolve_backend(dict(kernels), "auto", q.device, q.dtype, needs)

@@ -54,6 +54,6 @@ def warn_fallback(why: str, what: str, stacklevel: int = 3) -> None:
 
 
 def hooks_reason(hooked: list[str]) -> str:
-    """The fallback reason for :func:`patchkit_sdpa._verify.hooked_modules`' findings."""
+    """The fallback reason for :func:`patchkit.toolkit.hooked_modules`' findings."""
     more = f" and {len(hooked) - 3} more" if len(hooked) > 3 else ""
     return f"hooks inside the patched region would see the packed path's calls (or none): {'; '.join(hooked[:3])}{more}"

@@ -22,14 +22,13 @@ import torch
 from torch import nn
 
 from patchkit import PatchContext, UnsupportedError, share_as
-from patchkit.threads import governed
+from patchkit.toolkit import governed, hooked_modules, require_known
 
-from ._fingerprint import require_known
 from ._inference import inference_ready, linear
 from ._masks import key_padding
 from ._packing import KERNELS_ATTR, Packing, kernels_of, make_packing, pack, run_layers, unpack, varlen_sdpa
 from ._runtime import hooks_reason, request_problem, warn_fallback
-from ._verify import hooked_modules, method_differs
+from ._verify import method_differs
 
 # kwargs the host passes to the encoder that the packed path may ignore when they are falsy/None.
 _IGNORABLE = frozenset({"position_ids", "output_attentions", "output_hidden_states", "return_dict", "use_cache"})

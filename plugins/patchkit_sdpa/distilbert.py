@@ -29,14 +29,13 @@ import torch
 from torch import nn
 
 from patchkit import PatchContext, UnsupportedError, share_as
-from patchkit.threads import governed
+from patchkit.toolkit import governed, hooked_modules, require_known
 
-from ._fingerprint import require_known
 from ._inference import inference_ready, linear
 from ._masks import key_padding
 from ._packing import KERNELS_ATTR, Packing, kernels_of, make_packing, pack, run_layers, unpack, varlen_sdpa
 from ._runtime import hooks_reason, request_problem, warn_fallback
-from ._verify import hooked_modules, method_differs
+from ._verify import method_differs
 from .bert import _execution_devices, _no_own_tensors
 
 # kwargs the host may pass to the transformer that the packed path may ignore when they are falsy/None.

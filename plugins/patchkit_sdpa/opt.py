@@ -26,15 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from patchkit import PatchContext, UnsupportedError
-from patchkit.padded import PaddedBuffers
-from patchkit.threads import governed
+from patchkit.toolkit import PaddedBuffers, governed, hooked_modules, require_known
 
-from ._fingerprint import require_known
 from ._head import plain_linear_head, skip_zero_rows_forward
 from ._inference import inference_ready, linear
 from ._packing import KERNELS_ATTR, Packing, kernels_of, make_packing, pack, run_layers, unpack, varlen_sdpa
 from ._runtime import hooks_reason, request_problem, warn_fallback
-from ._verify import hooked_modules, method_differs, unwrap
+from ._verify import method_differs, unwrap
 
 _IGNORABLE = frozenset({"output_attentions", "output_hidden_states", "return_dict", "use_cache"})
 

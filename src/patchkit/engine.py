@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import guards
 from .atomic import gc_paused, interrupts_held
-from .errors import ConflictError, NotPatchedError, PatchedModelError, UnsupportedError
+from .errors import ArgumentError, ConflictError, NotPatchedError, PatchedModelError, UnsupportedError
 from .journal import JOURNAL_ATTR, find_journal, find_journals
 from .pipeline import PatchReport, Run, check_not_applied
 from .planning import Plan, Request, build_plan, requested_stages
@@ -196,6 +196,12 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str], *, quantized
     written. ``quantized=True``: the quantizer's ``save`` writes a checkpoint the host reloads
     quantized (bitsandbytes: ``from_pretrained`` with a ``BitsAndBytesConfig``); the model is not changed.
     """
+    if not callable(getattr(type(model), "save_pretrained", None)):
+        raise ArgumentError(
+            f"patchkit.save_pretrained saves through the model's own save_pretrained (a transformers model); "
+            f"{type(model).__name__} has none. For a plain torch model: patchkit.reverse(model), then "
+            "torch.save(model.state_dict(), path)"
+        )
     guard = model.__dict__.get("save_pretrained")
     root = guard.root if isinstance(guard, guards.SaveGuard) else model
     found = find_journals(root)
