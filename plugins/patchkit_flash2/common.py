@@ -66,8 +66,15 @@ def route_through_patchkit(base: nn.Module, ctx: Any, padding_free: bool, why_no
     # objects, not a closure, so that a deep copy of the model releases its own config
     ctx.on_reverse(functools.partial(dispatch.release_config, config, base), "config attention implementation back")
     previous = dispatch.acquire_config(config, base)
-    wrapper = padfree.make_forward(base, base.forward, padding_free=padding_free, pass_kwargs=padding_free)
+    from patchkit.paths import LOG_ATTR, check_choice
+
+    from .paths import describe_rule
+
+    path = check_choice(ctx.option("path"))
+    wrapper = padfree.make_forward(base, base.forward, padding_free=padding_free, pass_kwargs=padding_free, path=path)
     ctx.set_attr(base, "forward", wrapper)
+    ctx.set_attr(base, LOG_ATTR, wrapper.log)
+    ctx.note(f"path per call: {describe_rule()}")
     ctx.note(
         f"{type(base).__name__}: attention via {dispatch.KEY!r} (was {previous!r}), "
         f"padding-free {'on' if padding_free else 'off'}" + (f" ({why_not})" if why_not else "")

@@ -35,8 +35,8 @@ from patchkit.threads import governed
 from ._fingerprint import require_known
 from ._inference import inference_ready, linear
 from ._masks import key_padding
-from ._paths import OPTION_ATTR, choose_encoder_path, decide, describe_encoder_rule, record_original
 from ._packing import KERNELS_ATTR, Packing, kernels_of, make_packing, pack, run_layers, unpack, varlen_sdpa
+from ._paths import OPTION_ATTR, choose_encoder_path, decide, describe_encoder_rule, record_original
 from ._runtime import hooks_reason, request_problem, warn_fallback
 from ._verify import hooked_modules, method_differs
 from .bert import _execution_devices, _no_own_tensors

@@ -26,15 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from patchkit import PatchContext, UnsupportedError
-from patchkit.paths import LOG_ATTR, PathLog, check_choice
 from patchkit.padded import PaddedBuffers
+from patchkit.paths import LOG_ATTR, PathLog, check_choice
 from patchkit.threads import governed
 
 from ._fingerprint import require_known
 from ._head import plain_linear_head, skip_zero_rows_forward
 from ._inference import inference_ready, linear
-from ._paths import OPTION_ATTR, choose_opt_path, decide, describe_opt_rule, record_original
 from ._packing import KERNELS_ATTR, Packing, kernels_of, make_packing, pack, run_layers, unpack, varlen_sdpa
+from ._paths import OPTION_ATTR, choose_opt_path, decide, describe_opt_rule, record_original
 from ._runtime import hooks_reason, request_problem, warn_fallback
 from ._verify import hooked_modules, method_differs, unwrap
 
