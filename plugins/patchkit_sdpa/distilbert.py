@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from patchkit import PatchContext, UnsupportedError, share_as
-from patchkit.paths import check_choice
+from patchkit.paths import LOG_ATTR, PathLog, check_choice
 from patchkit.threads import governed
 
 from ._fingerprint import require_known
@@ -230,5 +230,6 @@ def build(module: nn.Module, ctx: PatchContext) -> nn.Module:
     replacement: nn.Module = share_as(module, packed_class(type(module)))
     replacement.__dict__[KERNELS_ATTR] = ctx.registry.attention_backends()  # patchkit's own object
     replacement.__dict__[OPTION_ATTR] = check_choice(ctx.option("path"))
+    replacement.__dict__[LOG_ATTR] = PathLog()  # which path each call took (tests, bench/regimes.py)
     ctx.note(f"path per call: {describe_encoder_rule()}")
     return replacement
