@@ -384,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = issue_cells(args.runs or 7, args.device, dtype, emit)
     else:
         for family in args.families.split(","):
-            rows += matrix(family, args.small, args.quick, not args.no_compile, args.runs or 3, args.device, dtype, emit)
+            compile_cells = not args.no_compile
+            rows += matrix(family, args.small, args.quick, compile_cells, args.runs or 3, args.device, dtype, emit)
     env["load_average_end"] = os.getloadavg()
     print(f"\nload average at the end: {env['load_average_end']}")
     if rows:
