@@ -285,7 +285,7 @@ def matrix(
     if quick:
         shapes = [(1, 16), (32, long)]
         paddings = (0.0, 0.3)
-        modes = ("plain",) if family == "bert" else ("plain", "gen_long")
+        modes = ("plain",) if family == "bert" else ("plain", "no_cache", "gen_long")
     rows = []
     for mode in modes:
         for b, t in shapes:
