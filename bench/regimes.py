@@ -272,11 +272,12 @@ def matrix(
     device: str,
     dtype: torch.dtype,
     emit: Callable[[dict[str, Any]], None],
+    long_len: int | None = None,
 ) -> list[dict[str, Any]]:
     base, fast, name = family_models(family, small, device, dtype)
     patch(family, fast, device)
     print(f"\n### {family}: {name} ({device}, {dtype})\n\n{HEADER}", flush=True)
-    long = 256 if family == "bert" else 128
+    long = (256 if family == "bert" else 128) if long_len is None else long_len
     if small:
         long = 32
     shapes = [(b, t) for b in BATCHES for t in (16, long)]
@@ -365,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled cells")
     parser.add_argument("--original", action="store_true", help="also time the forced original path")
     parser.add_argument("--runs", type=int, default=None, help="alternating runs per cell (default 3; --issue 7)")
+    parser.add_argument("--long", type=int, default=None, help="the long sequence (default 256 BERT, 128 decoders)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="folder for regimes.json")
@@ -385,7 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for family in args.families.split(","):
             compile_cells = not args.no_compile
-            rows += matrix(family, args.small, args.quick, compile_cells, args.runs or 3, args.device, dtype, emit)
+            long_len = args.long if family != "bert" else None
+            rows += matrix(
+                family, args.small, args.quick, compile_cells, args.runs or 3, args.device, dtype, emit, long_len
+            )
     env["load_average_end"] = os.getloadavg()
     print(f"\nload average at the end: {env['load_average_end']}")
     if rows:
