@@ -427,15 +427,17 @@ class PackedEncoderMixin:
         if why is not None:
             if why:
                 warn_fallback(why, type(self).__mro__[2].__name__)
-            return super().forward(  # type: ignore[misc]
-                hidden_states,
-                attention_mask=attention_mask,
-                encoder_hidden_states=encoder_hidden_states,
-                encoder_attention_mask=encoder_attention_mask,
-                use_cache=use_cache,
-                **({"cache": cache} if cache is not None else {}),  # older releases call it past_key_values
-                **kwargs,
-            )
+            # the cost model's choice runs on the free cores of a busy CPU, as the packed path does
+            with governed(hidden_states if not why else None):
+                return super().forward(  # type: ignore[misc]
+                    hidden_states,
+                    attention_mask=attention_mask,
+                    encoder_hidden_states=encoder_hidden_states,
+                    encoder_attention_mask=encoder_attention_mask,
+                    use_cache=use_cache,
+                    **({"cache": cache} if cache is not None else {}),  # older releases call it past_key_values
+                    **kwargs,
+                )
         from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
         out = encode_packed(self, hidden_states, keep, self._patchkit_variant)

@@ -208,7 +208,9 @@ class PackedDistilBertMixin:
         if why is not None:
             if why:
                 warn_fallback(why, type(self).__mro__[2].__name__)
-            return super().forward(hidden_states, attention_mask, **kwargs)  # type: ignore[misc]
+            # the cost model's choice runs on the free cores of a busy CPU, as the packed path does
+            with governed(hidden_states if not why else None):
+                return super().forward(hidden_states, attention_mask, **kwargs)  # type: ignore[misc]
         from transformers.modeling_outputs import BaseModelOutput
 
         return BaseModelOutput(last_hidden_state=encode_packed(self, hidden_states, keep))
