@@ -8,7 +8,8 @@ Runs, each in isolation (one failing section never hides the others):
 - ``gpu_checks(small)`` of each bench module: flash2 (torch backend vs eager in bf16, the Llama
   8 x 4096 benchmark vs HF sdpa and a bare varlen call), sdpa (BERT / OPT fp16), bnb (int8 / fp4 /
   nf4 quality, size and speed on CUDA), load (patchkit.from_pretrained quantized with device_map="cuda"
-  vs transformers' BitsAndBytesConfig: peak host and device memory, time).
+  vs transformers' BitsAndBytesConfig: peak host and device memory, time), regimes (issue 20's
+  regime matrix, fp16: every cell's ratio over HF sdpa and the path the cost model chose).
 Writes ``gpu_check.json`` (full results, card, versions, date) and prints a short table last.
 """
 
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("bench_flash2", "bench_sdpa", "bench_bnb", "bench_compile", "bench_load", "profile_calls")
+SECTIONS = ("bench_flash2", "bench_sdpa", "bench_bnb", "bench_compile", "bench_load", "profile_calls", "regimes")
 
 
 def environment() -> dict[str, Any]:

@@ -67,8 +67,7 @@ def restore(original: nn.Module, replacement: nn.Module, ctx: PatchContext) -> C
     if record.transposed:
         values = values.t().contiguous()
     note = (
-        "reverse: the quantized weight was replaced since apply (merged adapter?); its dequantized values were "
-        "restored"
+        "reverse: the quantized weight was replaced since apply (merged adapter?); its dequantized values were restored"
         if changed
         else f"reverse: dequantized, {error_text(record.error)}"
     )

@@ -77,6 +77,10 @@ def route_through_patchkit(
     # objects, not a closure, so that a deep copy of the model releases its own config
     ctx.on_reverse(functools.partial(dispatch.release_config, config, base), "config attention implementation back")
     previous = dispatch.acquire_config(config, base)
+    from patchkit.paths import LOG_ATTR, check_choice
+
+    from .paths import describe_rule
+
     wrapper = padfree.make_forward(
         base,
         base.forward,
@@ -84,8 +88,11 @@ def route_through_patchkit(
         pass_kwargs=padding_free and carrier == "kwargs",
         carrier=carrier,
         off_reason=off_reason,
+        path=check_choice(ctx.option("path")),
     )
     ctx.set_attr(base, "forward", wrapper)
+    ctx.set_attr(base, LOG_ATTR, wrapper.log)
+    ctx.note(f"path per call: {describe_rule()}")
     ctx.note(
         f"{type(base).__name__}: attention via {dispatch.KEY!r} (was {previous!r}), "
         f"padding-free {'on' if padding_free else 'off'}" + (f" ({why_not})" if why_not else "")

@@ -56,6 +56,9 @@ class ActiveForward:
     # a padding-free call of a host that passes no per-call kwargs to its layers (Falcon): the
     # ``cu_seq_lens_*`` / ``max_length_*`` kwargs its attention would have been given
     boundaries: dict[str, Any] | None = None
+    # the call takes the original path (:mod:`patchkit_flash2.paths`): the attention implementation
+    # to run for every module and mask (Falcon: any true value; its attention calls its own class)
+    original: str | None = None
 
 
 @dataclass
@@ -234,6 +237,16 @@ def previous_implementation(config: Any) -> str:
     return switch.previous if switch is not None else "eager"
 
 
+def original_implementation(base: Any) -> str:
+    """The implementation the original path of ``base`` runs: what its config had before patching,
+    with ``"eager"`` upgraded to ``"sdpa"`` where the model supports it (the fast exact path
+    transformers itself would pick; equal to eager within float rounding)."""
+    previous = previous_implementation(base.config)
+    if previous == "eager" and getattr(base, "_supports_sdpa", False):
+        return "sdpa"
+    return previous
+
+
 def call_view(config: Any) -> tuple[Any, Any]:
     """``(view, origin)``: a shallow copy of ``origin`` (``config``, or the config a view was made
     of) whose attention field says ``"patchkit"``, for one padding-free call of a host that builds
@@ -282,6 +295,9 @@ def mask_function(*args: Any, **kwargs: Any) -> Any:
 
     config = kwargs.get("config")
     active = ACTIVE.get()
+    if active is not None and active.original is not None and config is not None and active.config is config:
+        original: Any = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(active.original)
+        return None if original is None else original(*args, **kwargs)
     if active is not None and config is not None and active.config is config:
         mask = kwargs.get("attention_mask")
         if mask is None:
@@ -447,6 +463,11 @@ def attention_forward(
     keys and values to the cache, in the padded layout the host would have written.
     """
     active = ACTIVE.get()
+    if active is not None and active.original is not None:  # the original path: transformers' own function
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        fn = ALL_ATTENTION_FUNCTIONS.get_interface(active.original, _eager_for(module))
+        return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if active is not None and active.prefill is not None and getattr(module, "config", None) is active.config:
         active.prefill.write(module, key, value)
     if active is not None and active.boundaries is not None and kwargs.get("cu_seq_lens_q") is None:

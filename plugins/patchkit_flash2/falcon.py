@@ -38,10 +38,13 @@ import torch
 from torch import nn
 
 from patchkit import Patcher, UnsupportedError, share_as
+from patchkit.paths import LOG_ATTR, check_choice
+from patchkit.paths import OPTION as PATH_OPTION
 from patchkit.toolkit import require_known
 
 from . import dispatch, padfree
 from .common import check_output_attentions, pick_backend, require_base, route_through_patchkit
+from .paths import describe_rule
 
 
 @functools.cache
@@ -125,6 +128,20 @@ def _forward(
     active = dispatch.ACTIVE.get()
     if active is None:
         raise UnsupportedError("flash2 Falcon attention must be called through its patched FalconModel")
+    if active.original is not None:  # the original path: the class's own forward, with the host's mask
+        host: Any = classes()[0]
+        return host.forward(
+            self,
+            hidden_states,
+            alibi,
+            attention_mask,
+            position_ids,
+            layer_past,
+            use_cache,
+            output_attentions,
+            position_embeddings,
+            **kwargs,
+        )
     cache = layer_past
     for name in padfree.CACHE_NAMES:
         cache = kwargs.get(name) if cache is None else cache
@@ -307,9 +324,17 @@ def setup(root: nn.Module, ctx: Any) -> None:
                 route_through_patchkit(base, ctx, on, why, carrier="context", off_reason=off)
                 continue
             wrapper = padfree.make_forward(
-                base, base.forward, padding_free=on, pass_kwargs=False, carrier="context", off_reason=off
+                base,
+                base.forward,
+                padding_free=on,
+                pass_kwargs=False,
+                carrier="context",
+                off_reason=off,
+                path=check_choice(ctx.option("path")),
             )
             ctx.set_attr(base, "forward", wrapper)
+            ctx.set_attr(base, LOG_ATTR, wrapper.log)
+            ctx.note(f"path per call: {describe_rule()}")
             ctx.note(
                 f"{type(base).__name__}: attention replaced by flash2 subclasses, "
                 f"padding-free {'on' if on else 'off'}" + (f" ({why})" if why else "")
@@ -332,5 +357,6 @@ def patcher() -> Patcher:
         options={
             "trust_transformers": "patch a transformers release whose Falcon source is not recorded",
             "padding_free": "pack valid tokens across the model (default True)",
+            **PATH_OPTION,
         },
     )

@@ -30,6 +30,7 @@ from typing import Any
 from torch import nn
 
 from patchkit import Patcher, UnsupportedError
+from patchkit.paths import OPTION as PATH_OPTION
 
 from . import dispatch
 from .common import check_output_attentions, pick_backend, route_through_patchkit
@@ -240,5 +241,5 @@ def patcher() -> Patcher:
         priority=10,
         description="FlashAttention-2 varlen kernels for any decoder dispatching through the attention interface",
         covers=("decoder-only causal LMs using ALL_ATTENTION_FUNCTIONS (see docs/support.md)",),
-        options={"padding_free": "pack valid tokens across the model (default True)"},
+        options={"padding_free": "pack valid tokens across the model (default True)", **PATH_OPTION},
     )

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from patchkit import Patcher, UnsupportedError
+from patchkit.paths import OPTION as PATH_OPTION
 
 from . import dispatch
 from .common import check_output_attentions, pick_backend, require_base, route_through_patchkit
@@ -91,5 +92,5 @@ def patcher() -> Patcher:
         priority=20,
         description="FlashAttention-2 varlen kernels for Llama and Mistral, padding-free where exact",
         covers=("LlamaAttention", "MistralAttention", "Llama", "Mistral"),
-        options={"padding_free": "pack valid tokens across the model (default True)"},
+        options={"padding_free": "pack valid tokens across the model (default True)", **PATH_OPTION},
     )

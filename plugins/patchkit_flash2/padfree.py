@@ -28,10 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from patchkit import PatchkitWarning, UnsupportedError
+from patchkit.paths import CallFacts, PathLog, requested
 from patchkit.toolkit import governed, hooked_modules
 
 from . import dispatch
 from . import layout as L
+from .paths import choose_flash2_path
 
 CACHE_NAMES = ("cache", "past_key_values")
 
@@ -71,8 +73,11 @@ class PatchedForward:
         pass_kwargs: bool,
         carrier: str = "kwargs",
         off_reason: tuple[str, str] | None = None,
+        path: str = "auto",
     ):
         self.base = base
+        self.path = path  # the apply option: "auto" (cost model), "packed" or "original"
+        self.log = PathLog()  # also the base model's ``_patchkit_paths`` (set by the patcher, journaled)
         self.original = original
         self.padding_free = padding_free
         self.pass_kwargs = pass_kwargs
@@ -113,6 +118,10 @@ class PatchedForward:
     def _call(self, config: Any, kw: dict[str, Any], state: dispatch.ActiveForward) -> Any:
         able = self.padding_free and (self.pass_kwargs or self.carrier == "context")
         plan = _padding_free_plan(config, kw) if able or self.off_reason else None
+        packable = plan is not None and able and not hooked_modules(self.base)
+        if self._route(config, kw, packable, torch.compiler.is_compiling()) == "original":
+            state.original = dispatch.original_implementation(self.base)
+            return self.original(**kw)
         if plan is not None and not able and self.off_reason is not None:
             self.warn_once(*self.off_reason)
         elif plan is not None:
@@ -127,6 +136,48 @@ class PatchedForward:
             )
         return self.original(**kw)
 
+    @torch.compiler.disable  # host-side: reads the mask (one sync), keeps counters
+    def _route(self, config: Any, kw: dict[str, Any], packable: bool, compiling: bool) -> str:
+        """Record and return this call's path: flash2's own (``"packed"``) or the original's."""
+        forced = requested(self.path)
+        if forced == "packed":
+            return self.log.record("packed", "forced")
+        if not _original_ok(kw):
+            return self.log.record("packed", "flash2 semantics: cu_seq_lens / position_ids without a mask")
+        if forced == "original":
+            return self.log.record("original", "forced")
+        path, why = choose_flash2_path(_facts(config, kw, compiling), packable)
+        return self.log.record(path, why)
+
+
+def _original_ok(kw: dict[str, Any]) -> bool:
+    """Whether the original path gives this call flash2's semantics: not with explicit varlen
+    boundaries, and not with ``position_ids`` but no mask and no cache (FA2's packed-row rule)."""
+    if kw.get("cu_seq_lens_q") is not None or kw.get("cu_seq_lens_k") is not None:
+        return False
+    mask = kw.get("attention_mask")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+        return False  # flash2 refuses custom 4D masks; keep its error
+    has_cache = any(kw.get(name) is not None for name in CACHE_NAMES)
+    return not (mask is None and kw.get("position_ids") is not None and not has_cache)
+
+
+def _facts(config: Any, kw: dict[str, Any], compiling: bool) -> CallFacts:
+    """The :class:`patchkit.paths.CallFacts` of one call of a base model."""
+    tokens_in = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+    batch, length = (tokens_in.shape[0], tokens_in.shape[1]) if isinstance(tokens_in, torch.Tensor) else (1, 1)
+    device = tokens_in.device.type if isinstance(tokens_in, torch.Tensor) else "cpu"
+    cache = next((kw[name] for name in CACHE_NAMES if kw.get(name) is not None), None)
+    cached = cache is not None and int(getattr(cache, "get_seq_length", lambda: 0)()) > 0
+    mask = kw.get("attention_mask")
+    slots = batch * length
+    tokens = slots
+    if not cached and isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == length:
+        tokens = int(mask.sum())
+    return CallFacts(
+        tokens=tokens, slots=slots, batch=batch, length=length, device=device, cached=cached, compiling=compiling
+    )
+
 
 def make_forward(
     base: torch.nn.Module,
@@ -135,9 +186,10 @@ def make_forward(
     pass_kwargs: bool,
     carrier: str = "kwargs",
     off_reason: tuple[str, str] | None = None,
+    path: str = "auto",
 ) -> Any:
     """The wrapper installed as ``base.forward`` (journaled instance attribute): a :class:`PatchedForward`."""
-    return PatchedForward(base, original, padding_free, pass_kwargs, carrier, off_reason)
+    return PatchedForward(base, original, padding_free, pass_kwargs, carrier, off_reason, path)
 
 
 _NO_CACHE = object()  # plan: padding-free without a cache

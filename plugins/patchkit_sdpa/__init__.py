@@ -18,7 +18,10 @@ PATCHKIT_API = ">=1,<2"
 REQUIRES = {"transformers": ">=5.0"}
 
 
-OPTIONS = {"trust_transformers": "patch a transformers release whose source fingerprint is not recorded"}
+OPTIONS = {
+    "trust_transformers": "patch a transformers release whose source fingerprint is not recorded",
+    "path": "per-call path: 'auto' (cost model, default), 'packed' or 'original' (forced; also PATCHKIT_PATH)",
+}
 
 
 @hookimpl

@@ -22,11 +22,13 @@ import torch
 from torch import nn
 
 from patchkit import PatchContext, UnsupportedError, share_as
+from patchkit.paths import LOG_ATTR, PathLog, check_choice
 from patchkit.toolkit import governed, hooked_modules, require_known
 
 from ._inference import inference_ready, linear
 from ._masks import key_padding
 from ._packing import KERNELS_ATTR, Packing, kernels_of, make_packing, pack, run_layers, unpack, varlen_sdpa
+from ._paths import OPTION_ATTR, choose_encoder_path, decide, describe_encoder_rule, record_original
 from ._runtime import hooks_reason, request_problem, warn_fallback
 from ._verify import method_differs
 
@@ -417,17 +419,27 @@ class PackedEncoderMixin:
         keep = None
         if why is None:
             keep, why = key_padding(attention_mask, hidden_states.shape[0], hidden_states.shape[1])
+        if why is None:
+            b, t = hidden_states.shape[:2]
+            compiling = torch.compiler.is_compiling()
+            if decide(self, keep, b, t, hidden_states.device, choose_encoder_path, compiling) == "original":
+                why = ""  # the cost model's choice: no warning
+        else:
+            record_original(self, why)
         if why is not None:
-            warn_fallback(why, type(self).__mro__[2].__name__)
-            return super().forward(  # type: ignore[misc]
-                hidden_states,
-                attention_mask=attention_mask,
-                encoder_hidden_states=encoder_hidden_states,
-                encoder_attention_mask=encoder_attention_mask,
-                use_cache=use_cache,
-                **({"cache": cache} if cache is not None else {}),  # older releases call it past_key_values
-                **kwargs,
-            )
+            if why:
+                warn_fallback(why, type(self).__mro__[2].__name__)
+            # the cost model's choice runs on the free cores of a busy CPU, as the packed path does
+            with governed(hidden_states if not why else None):
+                return super().forward(  # type: ignore[misc]
+                    hidden_states,
+                    attention_mask=attention_mask,
+                    encoder_hidden_states=encoder_hidden_states,
+                    encoder_attention_mask=encoder_attention_mask,
+                    use_cache=use_cache,
+                    **({"cache": cache} if cache is not None else {}),  # older releases call it past_key_values
+                    **kwargs,
+                )
         from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
         out = encode_packed(self, hidden_states, keep, self._patchkit_variant)
@@ -455,4 +467,7 @@ def build(module: nn.Module, ctx: PatchContext) -> nn.Module:
     ctx.note(f"padding-free {variant.name} encoder: packed tokens, per-sequence SDPA; padded outputs are zeros")
     replacement: nn.Module = share_as(module, packed_class(type(module), variant))
     replacement.__dict__[KERNELS_ATTR] = ctx.registry.attention_backends()  # patchkit's own object
+    replacement.__dict__[OPTION_ATTR] = check_choice(ctx.option("path"))
+    replacement.__dict__[LOG_ATTR] = PathLog()  # which path each call took (tests, bench/regimes.py)
+    ctx.note(f"path per call: {describe_encoder_rule()}")
     return replacement

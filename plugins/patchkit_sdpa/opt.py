@@ -26,11 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from patchkit import PatchContext, UnsupportedError
+from patchkit.paths import LOG_ATTR, PathLog, check_choice
 from patchkit.toolkit import PaddedBuffers, governed, hooked_modules, require_known
 
 from ._head import plain_linear_head, skip_zero_rows_forward
 from ._inference import inference_ready, linear
 from ._packing import KERNELS_ATTR, Packing, kernels_of, make_packing, pack, run_layers, unpack, varlen_sdpa
+from ._paths import OPTION_ATTR, choose_opt_path, decide, describe_opt_rule, record_original
 from ._runtime import hooks_reason, request_problem, warn_fallback
 from ._verify import method_differs, unwrap
 
@@ -295,6 +297,15 @@ def packed_forward(
     if cache is None and use_cache and _checkpointing(self) and torch.is_grad_enabled():
         use_cache = False  # as transformers' forward does: caching is off under gradient checkpointing
     why = _why_not_packed(self, input_ids, attention_mask, cache, inputs_embeds, use_cache, kwargs)
+    if why is None:
+        anchor = input_ids if input_ids is not None else inputs_embeds
+        b, t = anchor.shape[0], anchor.shape[1]  # type: ignore[union-attr]
+        keep = attention_mask if isinstance(attention_mask, torch.Tensor) else None
+        compiling = torch.compiler.is_compiling()
+        if decide(self, keep, b, t, anchor.device, choose_opt_path, compiling) == "original":  # type: ignore[union-attr]
+            why = ""  # the cost model's choice: no warning
+    else:
+        record_original(self, why or "continues a KV cache (decode step) or an error the original reports")
     if why is not None:
         if why:
             warn_fallback(why, "OPT decoder")
@@ -365,10 +376,15 @@ def build(module: Any, ctx: PatchContext) -> None:
     ctx.set_attr(module, KERNELS_ATTR, ctx.registry.attention_backends())
     ctx.set_attr(module, "forward", types.MethodType(packed_forward, module))
     ctx.note("padding-free forward and prefill (KV cache filled via cache.update); padded outputs are zeros")
+    log = PathLog()
+    ctx.set_attr(module, LOG_ATTR, log)
+    ctx.set_attr(module, OPTION_ATTR, check_choice(ctx.option("path")))
+    ctx.note(f"path per call: {describe_opt_rule()}")
     head = plain_linear_head(ctx.root)
     if head is not None and head.in_features == module.config.word_embed_proj_dim:
         # The LM head is the largest GEMM of a forward: skip it on the zero rows left at padding.
         ctx.set_attr(head, "forward", types.MethodType(skip_zero_rows_forward, head))
+        ctx.set_attr(head, LOG_ATTR, log)  # the decoder's: only a packed call leaves zero rows
         ctx.note("output head skips all-zero (padded) rows in inference")
     config = module.config
     if getattr(config, "_attn_implementation", None) in (None, "eager"):

@@ -38,7 +38,12 @@ def plan(
     """
     stages = requested_stages(attention, quantize, patch)
     request = Request.make(
-        stages, registry=registry or default_registry(), backend=backend, strict=strict, only=only, skip=skip,
+        stages,
+        registry=registry or default_registry(),
+        backend=backend,
+        strict=strict,
+        only=only,
+        skip=skip,
         options=options,
     )
     check_not_applied(model, stages)
@@ -71,7 +76,12 @@ def apply(
     if not stages:
         raise ValueError("nothing to apply: pass attention=..., quantize=... or patch=...")
     request = Request.make(
-        stages, registry=registry or default_registry(), backend=backend, strict=strict, only=only, skip=skip,
+        stages,
+        registry=registry or default_registry(),
+        backend=backend,
+        strict=strict,
+        only=only,
+        skip=skip,
         options=options,
     )
     check_not_applied(model, stages)

@@ -98,7 +98,12 @@ def from_pretrained(
     """
     stages = requested_stages(attention, quantize, patch)
     request = Request.make(
-        stages, registry=registry or default_registry(), backend=backend, strict=strict, only=only, skip=skip,
+        stages,
+        registry=registry or default_registry(),
+        backend=backend,
+        strict=strict,
+        only=only,
+        skip=skip,
         options=options,
     )
     target = _target_device(device_map, device)

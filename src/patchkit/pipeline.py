@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import textwrap
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -79,7 +80,8 @@ class PatchReport:
     def __str__(self) -> str:
         what = ", ".join(applied_label(k, v) for k, v in self.applied.items())
         parts = [f"patchkit applied {what}: {len(self.swaps)} patched, {len(self.skipped)} left alone"]
-        parts += [f"  {note}" for note in self.notes]
+        # Notes are prose: wrapped to the report's width (a terminal, a log line), continued indented.
+        parts += [textwrap.fill(note, 100, initial_indent="  ", subsequent_indent="    ") for note in self.notes]
         if self.swaps:
             rows = [
                 (
