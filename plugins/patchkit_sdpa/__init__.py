@@ -24,7 +24,7 @@ OPTIONS = {"trust_transformers": "patch a transformers release whose source fing
 @hookimpl
 def register_patchers(register: Callable[[Any], None]) -> None:
     """Register the BERT and DistilBERT encoder and OPT decoder patchers (family ``"sdpa"``, kind ``"attention"``)."""
-    from . import bert, distilbert, opt
+    from . import bert, distilbert, encoder_generic, opt
 
     register(
         Patcher(
@@ -56,6 +56,20 @@ def register_patchers(register: Callable[[Any], None]) -> None:
             build=distilbert.build,
             description="DistilBERT transformer, padding-free (packed tokens, per-sequence SDPA)",
             covers=("DistilBertModel",),
+            options=OPTIONS,
+        )
+    )
+    register(
+        Patcher(
+            name="sdpa-generic-encoder",
+            kind="attention",
+            family="sdpa",
+            match=encoder_generic.match,
+            check=encoder_generic.check,
+            build=encoder_generic.build,
+            priority=-10,
+            description="any bidirectional encoder dispatching through transformers' attention interface, padding-free",
+            covers=("ModernBertModel", "GteModel", "NomicBertModel", "EuroBertModel", "AlbertModel", "encoders using ALL_ATTENTION_FUNCTIONS (see docs/support.md)"),
             options=OPTIONS,
         )
     )
