@@ -24,7 +24,7 @@ OPTIONS = {"trust_transformers": "patch a transformers release whose source fing
 @hookimpl
 def register_patchers(register: Callable[[Any], None]) -> None:
     """Register the BERT and DistilBERT encoder and OPT decoder patchers (family ``"sdpa"``, kind ``"attention"``)."""
-    from . import bert, distilbert, encoder_generic, opt
+    from . import bert, distilbert, encoder_generic, mpnet, opt
 
     register(
         Patcher(
@@ -56,6 +56,19 @@ def register_patchers(register: Callable[[Any], None]) -> None:
             build=distilbert.build,
             description="DistilBERT transformer, padding-free (packed tokens, per-sequence SDPA)",
             covers=("DistilBertModel",),
+            options=OPTIONS,
+        )
+    )
+    register(
+        Patcher(
+            name="sdpa-mpnet-encoder",
+            kind="attention",
+            family="sdpa",
+            match=mpnet.looks_like_mpnet_encoder,
+            check=mpnet.check,
+            build=mpnet.build,
+            description="MPNet encoder, padding-free (packed tokens, per-sequence SDPA with the relative position bias)",
+            covers=("MPNetModel", "all-mpnet-base-v2"),
             options=OPTIONS,
         )
     )
