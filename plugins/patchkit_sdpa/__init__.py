@@ -24,7 +24,7 @@ OPTIONS = {"trust_transformers": "patch a transformers release whose source fing
 @hookimpl
 def register_patchers(register: Callable[[Any], None]) -> None:
     """Register the BERT and DistilBERT encoder and OPT decoder patchers (family ``"sdpa"``, kind ``"attention"``)."""
-    from . import bert, distilbert, encoder_generic, mpnet, opt
+    from . import bert, distilbert, encoder_generic, encoder_split, mpnet, opt
 
     register(
         Patcher(
@@ -69,6 +69,19 @@ def register_patchers(register: Callable[[Any], None]) -> None:
             build=mpnet.build,
             description="MPNet encoder, padding-free (packed tokens, per-sequence SDPA with the relative position bias)",
             covers=("MPNetModel", "all-mpnet-base-v2"),
+            options=OPTIONS,
+        )
+    )
+    register(
+        Patcher(
+            name="sdpa-split-encoder",
+            kind="attention",
+            family="sdpa",
+            match=encoder_split.match,
+            check=encoder_split.check,
+            build=encoder_split.build,
+            description="DeBERTa / DeBERTa-v2 / RoFormer encoders: the original forward per group of same-length sequences",
+            covers=("DebertaV2Model", "DebertaModel", "RoFormerModel"),
             options=OPTIONS,
         )
     )
