@@ -95,7 +95,14 @@ def register_patchers(register: Callable[[Any], None]) -> None:
             build=encoder_generic.build,
             priority=-10,
             description="any bidirectional encoder dispatching through transformers' attention interface, padding-free",
-            covers=("ModernBertModel", "GteModel", "NomicBertModel", "EuroBertModel", "AlbertModel", "encoders using ALL_ATTENTION_FUNCTIONS (see docs/support.md)"),
+            covers=(
+                "ModernBertModel",
+                "GteModel",
+                "NomicBertModel",
+                "EuroBertModel",
+                "AlbertModel",
+                "encoders using ALL_ATTENTION_FUNCTIONS (see docs/support.md)",
+            ),
             options=OPTIONS,
         )
     )

@@ -80,7 +80,9 @@ ACTIVE: contextvars.ContextVar[Active | None] = contextvars.ContextVar("patchkit
 
 def config_field(config: Any) -> str:
     """The attribute holding the attention implementation (the plain field in 5.x)."""
-    return "_attn_implementation_internal" if "_attn_implementation_internal" in vars(config) else "_attn_implementation"
+    return (
+        "_attn_implementation_internal" if "_attn_implementation_internal" in vars(config) else "_attn_implementation"
+    )
 
 
 def previous_implementation(config: Any) -> str:
@@ -189,9 +191,7 @@ def packed_attention(
         cu = packing.cu_seqlens
         try:
             kv_heads = k.shape[1]
-            kk, vv = (
-                (z.repeat_interleave(heads // kv_heads, dim=1) for z in (k, v)) if kv_heads != heads else (k, v)
-            )
+            kk, vv = (z.repeat_interleave(heads // kv_heads, dim=1) for z in (k, v)) if kv_heads != heads else (k, v)
             out: torch.Tensor = backend.varlen(
                 q.contiguous(),
                 kk.contiguous(),

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from patchkit import PatchContext, UnsupportedError, share_as
+from patchkit import PatchContext, UnsupportedError
 from patchkit.threads import governed
 
 from . import encoder_dispatch as dispatch
@@ -111,7 +111,9 @@ def _from_transformers(module: Any) -> bool:
 
 def _attentions(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
-        (name, m) for name, m in module.named_modules() if _from_transformers(m) and attention_keywords(type(m)) is not None
+        (name, m)
+        for name, m in module.named_modules()
+        if _from_transformers(m) and attention_keywords(type(m)) is not None
     ]
 
 
@@ -279,20 +281,36 @@ def _unpack_output(self: Any, out: Any, packing: Any) -> Any:
     return out
 
 
-class PackedStackMixin:
-    """Mixed in front of the user's encoder-stack class: packed forward, original forward as fallback."""
+def packed_forward(module: Any, mode: str, *args: Any, **kwargs: Any) -> Any:
+    """The patched encoder's forward (installed on the instance as a ``functools.partial`` over the
+    module, journaled): the packed path, or the class's own forward."""
+    return _Call(module, mode).forward(*args, **kwargs)
 
-    _patchkit_mode: str = "stack"
+
+class _Call:
+    """One call of a patched encoder stack: packed forward, the class's own forward as fallback."""
+
+    def __init__(self, module: Any, mode: str) -> None:
+        self.module = module
+        self._patchkit_mode = mode
+        self.config = module.config
+        self.training = module.training
 
     def _patchkit_original(self) -> type:
-        return type(self).__mro__[2]
+        return type(self.module)
+
+    def _super_forward(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def modules(self) -> Any:
+        return self.module.modules()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         original = self._patchkit_original()
         try:
-            bound = _signature(original).bind(self, *args, **kwargs)
+            bound = _signature(original).bind(self.module, *args, **kwargs)
         except TypeError:
-            return super().forward(*args, **kwargs)  # type: ignore[misc]
+            return self._super_forward(*args, **kwargs)
         params: dict[str, Any] = {}
         for name, value in bound.arguments.items():
             if name == "self":
@@ -301,7 +319,7 @@ class PackedStackMixin:
                 params.update(value)
             elif _signature(original).parameters[name].kind is inspect.Parameter.VAR_POSITIONAL:
                 if value:
-                    return super().forward(*args, **kwargs)  # type: ignore[misc]
+                    return self._super_forward(*args, **kwargs)
             else:
                 params[name] = value
         if self._patchkit_mode == "stack":
@@ -311,23 +329,25 @@ class PackedStackMixin:
     def _fallback(self, why: str | None, args: Any, kwargs: Any) -> Any:
         if why is not None:
             warn_fallback(why, self._patchkit_original().__name__, stacklevel=4)
-        return super().forward(*args, **kwargs)  # type: ignore[misc]
+        return self._super_forward(*args, **kwargs)
 
     def _common_problem(self, rest: dict[str, Any]) -> str | None:
         if rest.get("cache") is None and rest.get("past_key_values") is None:
             rest = {k: v for k, v in rest.items() if k != "use_cache"}  # no cache to fill: an encoder's default
         if problem := request_problem(rest, _IGNORABLE):
             return problem
-        if hooked := hooked_modules(self):
+        if hooked := hooked_modules(self.module):
             return hooks_reason(hooked)
-        if self.training and torch.is_grad_enabled() and any(  # type: ignore[attr-defined]
-            getattr(m, "gradient_checkpointing", False) for m in self.modules()  # type: ignore[attr-defined]
+        if (
+            self.training
+            and torch.is_grad_enabled()
+            and any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
         ):
             return "gradient checkpointing recomputes layers outside the packed call"
         return None
 
     def _packing(self, keep: torch.Tensor, batch: int, length: int, device: torch.device) -> Any:
-        return make_packing(keep, batch, length, device, kernels_of(self))
+        return make_packing(keep, batch, length, device, kernels_of(self.module))
 
     def _stack_forward(self, params: dict[str, Any], args: Any, kwargs: Any) -> Any:
         from ._masks import key_padding
@@ -343,17 +363,17 @@ class PackedStackMixin:
             return self._fallback(None, args, kwargs)  # nothing padded: the original path
         if (why := self._common_problem(params)) is not None:
             return self._fallback(why, args, kwargs)
-        if _windowed(self) and _holes(keep):
+        if _windowed(self.module) and _holes(keep):
             return self._fallback("a sliding window over a padding mask with holes", args, kwargs)
         with governed(hidden):
             packing = self._packing(keep, batch, length, hidden.device)
             x = pack(hidden, packing).unsqueeze(0)
-            token = dispatch.ACTIVE.set(dispatch.Active(self.config, packing, x.shape[1]))  # type: ignore[attr-defined]
+            token = dispatch.ACTIVE.set(dispatch.Active(self.config, packing, x.shape[1]))
             try:
-                out = super().forward(**{name: x}, attention_mask=None, **params)  # type: ignore[misc]
+                out = self._super_forward(**{name: x}, attention_mask=None, **params)
             finally:
                 dispatch.ACTIVE.reset(token)
-            return _unpack_output(self, out, packing)
+            return _unpack_output(self.module, out, packing)
 
     def _base_forward(self, params: dict[str, Any], args: Any, kwargs: Any) -> Any:
         inputs = {name: params.pop(name, None) for name in _BASE_INPUTS}
@@ -368,7 +388,7 @@ class PackedStackMixin:
             return self._fallback(None, args, kwargs)  # nothing padded: the original path
         if (why := self._common_problem(params)) is not None:
             return self._fallback(why, args, kwargs)
-        if _windowed(self) and _holes(keep):
+        if _windowed(self.module) and _holes(keep):
             return self._fallback("a sliding window over a padding mask with holes", args, kwargs)
         batch, length = source.shape[0], source.shape[1]
         with governed(source if embeds is None else embeds):
@@ -390,29 +410,18 @@ class PackedStackMixin:
             }
             if inputs["token_type_ids"] is not None:
                 packed["token_type_ids"] = flat(inputs["token_type_ids"])
-            token = dispatch.ACTIVE.set(dispatch.Active(self.config, packing, int(index.shape[0])))  # type: ignore[attr-defined]
+            token = dispatch.ACTIVE.set(dispatch.Active(self.config, packing, int(index.shape[0])))
             try:
-                out = super().forward(**packed, **params)  # type: ignore[misc]
+                out = self._super_forward(**packed, **params)
             finally:
                 dispatch.ACTIVE.reset(token)
-            return _unpack_output(self, out, packing)
+            return _unpack_output(self.module, out, packing)
 
 
-_CLASSES: dict[tuple[type, str], type] = {}
-
-
-def packed_class(cls: type, mode: str) -> type:
-    """The (cached) subclass ``Packed<cls>`` of the user's encoder-stack class."""
-    key = (cls, mode)
-    if key not in _CLASSES:
-        attrs = {"__module__": __name__, "_patchkit_mode": mode}
-        _CLASSES[key] = type(f"Packed{cls.__name__}", (PackedStackMixin, cls), attrs)
-    return _CLASSES[key]
-
-
-def build(module: nn.Module, ctx: PatchContext) -> nn.Module:
-    """A ``Packed<Stack>`` sharing every submodule and parameter of ``module``; the config's
-    attention field switched to the packed dispatch (journaled)."""
+def build(module: nn.Module, ctx: PatchContext) -> None:
+    """Install the packed forward on ``module`` itself (journaled: the object, its class and its
+    parameters stay as they are, so a patched model root works too) and switch the config's
+    attention field to the packed dispatch (journaled)."""
     mode, _ = mode_of(module)
     assert mode is not None  # check() passed
     dispatch.register_keys()
@@ -421,6 +430,6 @@ def build(module: nn.Module, ctx: PatchContext) -> nn.Module:
         f"padding-free encoder ({mode} mode): packed tokens, the layers' own forward, attention via "
         f"{dispatch.KEY!r} (was {previous!r}); padded outputs are zeros"
     )
-    replacement: nn.Module = share_as(module, packed_class(type(module), mode))
-    replacement.__dict__[KERNELS_ATTR] = ctx.registry.attention_backends()
-    return replacement
+    ctx.set_attr(module, KERNELS_ATTR, ctx.registry.attention_backends())
+    ctx.set_attr(module, "forward", functools.partial(packed_forward, module, mode))
+    return None
