@@ -67,7 +67,7 @@ def register_patchers(register: Callable[[Any], None]) -> None:
             match=mpnet.looks_like_mpnet_encoder,
             check=mpnet.check,
             build=mpnet.build,
-            description="MPNet encoder, padding-free (packed tokens, per-sequence SDPA with the relative position bias)",
+            description="MPNet encoder, padding-free: packed tokens, per-sequence SDPA plus the relative bias",
             covers=("MPNetModel", "all-mpnet-base-v2"),
             options=OPTIONS,
         )
@@ -80,7 +80,7 @@ def register_patchers(register: Callable[[Any], None]) -> None:
             match=encoder_split.match,
             check=encoder_split.check,
             build=encoder_split.build,
-            description="DeBERTa / DeBERTa-v2 / RoFormer encoders: the original forward per group of same-length sequences",
+            description="DeBERTa / DeBERTa-v2 / RoFormer: their own encoder forward per group of same-length sequences",
             covers=("DebertaV2Model", "DebertaModel", "RoFormerModel"),
             options=OPTIONS,
         )

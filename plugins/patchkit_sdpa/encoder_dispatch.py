@@ -192,7 +192,7 @@ def packed_attention(
         try:
             kv_heads = k.shape[1]
             kk, vv = (z.repeat_interleave(heads // kv_heads, dim=1) for z in (k, v)) if kv_heads != heads else (k, v)
-            out: torch.Tensor = backend.varlen(
+            result: torch.Tensor = backend.varlen(
                 q.contiguous(),
                 kk.contiguous(),
                 vv.contiguous(),
@@ -204,7 +204,7 @@ def packed_attention(
                 causal=False,
                 dropout=dropout,
             )
-            return out
+            return result
         except (RuntimeError, TypeError, ValueError) as exc:
             _warn_once(backend, exc)
     return grouped_sdpa(q, k, v, packing.groups(False), scale=scale, dropout=dropout)
@@ -231,7 +231,7 @@ def attention_forward(
         or query.shape[2] != active.tokens
         or bool(getattr(module, "is_causal", False) if causal is None else causal)
     ):
-        return _previous(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)  # type: ignore[no-any-return]
+        return _previous(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if kwargs.get("output_attentions"):
         raise UnsupportedError("the packed encoder computes no attention weights: reverse the patch for them")
     window = kwargs.get("sliding_window")

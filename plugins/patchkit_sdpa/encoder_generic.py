@@ -138,9 +138,13 @@ def match(module: nn.Module, path: str = "", root: nn.Module | None = None) -> b
     return not any(getattr(m, "is_causal", False) for _, m in _attentions(layers[0]))
 
 
-@functools.cache
-def _signature(cls: type) -> inspect.Signature:
-    return inspect.signature(cls.forward)
+_SIGNATURES: dict[Any, inspect.Signature] = {}
+
+
+def _signature(cls: Any) -> inspect.Signature:
+    if cls not in _SIGNATURES:
+        _SIGNATURES[cls] = inspect.signature(cls.forward)
+    return _SIGNATURES[cls]
 
 
 def mode_of(module: nn.Module) -> tuple[str | None, str]:
@@ -213,7 +217,7 @@ def _refusal(module: nn.Module) -> str | None:
         if odd:
             what = ", ".join(_WHY.get(k, k) for k in odd)
             return f"{name} passes {what} to the attention kernel; the packed path does not implement it"
-        if getattr(att, "config", None) is not module.config:  # type: ignore[union-attr]
+        if getattr(att, "config", None) is not module.config:
             return f"{name} reads another config than the encoder's: its attention could not be routed"
         if getattr(att, "is_cross_attention", False) or getattr(att, "is_causal", False):
             return f"{name} is causal or cross-attention"

@@ -16,7 +16,6 @@ padding the original forward runs unchanged. Exactness is verified per architect
 
 from __future__ import annotations
 
-import functools
 import inspect
 import sys
 from typing import Any
@@ -48,9 +47,13 @@ def match(module: nn.Module, path: str = "", root: nn.Module | None = None) -> b
     return (cls.__module__, cls.__name__) in SPLIT and not getattr(getattr(module, "config", None), "is_decoder", False)
 
 
-@functools.cache
-def _signature(cls: type) -> inspect.Signature:
-    return inspect.signature(cls.forward)
+_SIGNATURES: dict[Any, inspect.Signature] = {}
+
+
+def _signature(cls: Any) -> inspect.Signature:
+    if cls not in _SIGNATURES:
+        _SIGNATURES[cls] = inspect.signature(cls.forward)
+    return _SIGNATURES[cls]
 
 
 def check(module: Any, ctx: PatchContext) -> str | None:

@@ -36,6 +36,7 @@ from ._verify import hooked_modules, method_differs
 _IGNORABLE = frozenset({"output_attentions", "output_hidden_states", "return_dict", "use_cache"})
 
 KNOWN_SOURCES = {
+    "5.24.0": "0d154b17fdce7890a17f6b4c037d101984cbc9c3e26b561ed8e11d9a3cdee2a2",
     "5.25.0": "0d154b17fdce7890a17f6b4c037d101984cbc9c3e26b561ed8e11d9a3cdee2a2",
 }
 
@@ -143,7 +144,7 @@ def _layer(layer: Any, x: torch.Tensor, packing: Packing, bias: torch.Tensor, po
     p = sa.dropout.p if sa.training else 0.0
     c = _attend(sa.q(x), sa.k(x), sa.v(x), packing, bias, positions, heads, dim, p)
     h = att.LayerNorm(att.dropout(sa.o(c)) + x)
-    return layer.output(layer.intermediate(h), h)  # type: ignore[no-any-return]
+    return layer.output(layer.intermediate(h), h)
 
 
 def _layer_inference(
@@ -157,7 +158,7 @@ def _layer_inference(
     c = _attend(linear(sa.q, x), linear(sa.k, x), linear(sa.v, x), packing, bias, positions, heads, dim, 0.0)
     h = att.LayerNorm(linear(sa.o, c, residual=x))
     i = linear(inter.dense, h, activation=inter.intermediate_act_fn)
-    return out.LayerNorm(linear(out.dense, i, residual=h))  # type: ignore[no-any-return]
+    return out.LayerNorm(linear(out.dense, i, residual=h))
 
 
 def _inference_ok(layer: Any, x: torch.Tensor) -> bool:
