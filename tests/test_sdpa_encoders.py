@@ -242,3 +242,49 @@ def test_feature_extraction_pipeline(tmp_path: pathlib.Path) -> None:
     for sentence, e, g in zip(SENTENCES[:3], expected, got, strict=True):
         n = len(pipe.tokenizer(sentence)["input_ids"])  # valid tokens (padded positions are zeros when patched)
         assert float((torch.tensor(e)[0, :n] - torch.tensor(g)[0, :n]).abs().max()) <= 1e-5
+
+
+def test_rotary_tables_handed_to_the_stack_are_packed() -> None:
+    """ESM with rotary positions: the encoder stack receives (cos, sin) per position; packed with the tokens."""
+    config = shrink(transformers.AutoConfig.for_model("esm"))
+    config.position_embedding_type = "rotary"
+    torch.manual_seed(0)
+    model = transformers.EsmForMaskedLM._from_config(config, attn_implementation="eager").eval()
+    for kind in ("right", "left", "holes"):
+        b = _batch(kind)
+        with torch.no_grad():
+            ref = model(**b).logits
+        patchkit.apply(model, attention="sdpa")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the packed path, no fallback
+            with torch.no_grad():
+                out = model(**b).logits
+        patchkit.reverse(model)
+        valid = b["attention_mask"].bool()
+        assert float((out[valid] - ref[valid]).abs().max()) <= TOL, kind
+
+
+def test_deepcopy_of_patched_root_runs_packed_and_reverses_on_its_own() -> None:
+    import copy
+
+    from transformers import GteModel
+
+    config = shrink(transformers.AutoConfig.for_model("gte"))
+    torch.manual_seed(0)
+    model = GteModel._from_config(config, attn_implementation="sdpa").eval()  # the root is the stack
+    b = _batch("left")
+    with torch.no_grad():
+        ref = model(**b).last_hidden_state
+    patchkit.apply(model, attention="sdpa")
+    twin = copy.deepcopy(model)
+    valid = b["attention_mask"].bool()
+    with torch.no_grad():
+        for m in (model, twin):
+            out = m(**b).last_hidden_state
+            assert float((out[valid] - ref[valid]).abs().max()) <= TOL
+            assert float(out[~valid].abs().max()) == 0.0  # really packed: padded rows are zeros
+    patchkit.reverse(twin)
+    assert twin.config._attn_implementation == "sdpa" and "forward" not in twin.__dict__
+    assert model.config._attn_implementation == "patchkit_sdpa"
+    patchkit.reverse(model)
+    assert "forward" not in model.__dict__

@@ -174,7 +174,7 @@ def mode_of(module: nn.Module) -> tuple[str | None, str]:
     return None, f"{type(module).__name__}.forward takes {first!r} first (neither hidden states nor input ids)"
 
 
-_PER_TOKEN = (nn.Linear, nn.Embedding, nn.Dropout, nn.Identity, nn.LayerNorm, nn.GELU, nn.ReLU, nn.Tanh, nn.SiLU)
+_PER_TOKEN = (nn.Linear, nn.Dropout, nn.Identity, nn.LayerNorm, nn.GELU, nn.ReLU, nn.Tanh, nn.SiLU)
 
 
 def _per_token(module: nn.Module) -> bool:
@@ -188,11 +188,19 @@ def _per_token(module: nn.Module) -> bool:
 
 
 def _mixing_leaves(module: nn.Module, mode: str) -> list[str]:
-    """Leaf modules that may mix tokens (anything not known to be per-token), with their paths.
-    A base model's own rotary embedding (fed the packed original position ids) is fine."""
+    """Leaf modules that may mix tokens or positions (anything not known to be per-token), with their
+    paths. A base model's own rotary embedding and its embeddings (fed the packed original position
+    ids) are fine; an embedding *inside the layers* (a relative-position table) is not."""
+    layers = _layer_list(module)
+    inside = {id(m) for m in layers.modules()} if layers is not None else set()
     found = []
     for name, m in module.named_modules():
-        if any(True for _ in m.children()) or _per_token(m):
+        if any(True for _ in m.children()):
+            continue
+        if isinstance(m, nn.Embedding):
+            if mode == "base" and id(m) not in inside:
+                continue
+        elif _per_token(m):
             continue
         if _from_transformers(m) and attention_keywords(type(m)) is not None:
             continue  # an attention module without submodules (fused projections as parameters)
@@ -264,6 +272,18 @@ def _holes(keep: torch.Tensor) -> bool:
     last = torch.where(keep, idx, -1).amax(dim=1)
     count = keep.sum(dim=1)
     return bool(((last - first + 1 != count) & (count > 0)).any())
+
+
+def _per_position(value: Any, batch: int, length: int) -> bool:
+    """A ``(cos, sin)`` pair of ``[1 or B, T, D]`` tensors: rows per original position, packable."""
+    return (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and all(
+            isinstance(t, torch.Tensor) and t.dim() == 3 and t.shape[1] == length and t.shape[0] in (1, batch)
+            for t in value
+        )
+    )
 
 
 def _unpack_output(self: Any, out: Any, packing: Any) -> Any:
@@ -365,13 +385,21 @@ class _Call:
             return self._fallback(why, args, kwargs)
         if keep is None or bool(keep.all()):
             return self._fallback(None, args, kwargs)  # nothing padded: the original path
-        if (why := self._common_problem(params)) is not None:
+        rest = {k: v for k, v in params.items() if k != "position_embeddings"}
+        if (why := self._common_problem(rest)) is not None:
             return self._fallback(why, args, kwargs)
         if _windowed(self.module) and _holes(keep):
             return self._fallback("a sliding window over a padding mask with holes", args, kwargs)
+        rotary = params.get("position_embeddings")
+        if rotary is not None and not _per_position(rotary, batch, length):
+            return self._fallback("position_embeddings of an unknown layout were passed", args, kwargs)
         with governed(hidden):
             packing = self._packing(keep, batch, length, hidden.device)
             x = pack(hidden, packing).unsqueeze(0)
+            if rotary is not None:  # (cos, sin) per original position: the packed tokens' own rows
+                params["position_embeddings"] = tuple(
+                    pack(t.expand(batch, length, t.shape[-1]), packing).unsqueeze(0) for t in rotary
+                )
             token = dispatch.ACTIVE.set(dispatch.Active(self.config, packing, x.shape[1]))
             try:
                 out = self._super_forward(**{name: x}, attention_mask=None, **params)
