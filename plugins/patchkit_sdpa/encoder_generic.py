@@ -240,6 +240,12 @@ def _refusal(module: nn.Module) -> str | None:
 
 def check(module: Any, ctx: PatchContext) -> str | None:
     """Raise UnsupportedError with the reason for what the packed path cannot run exactly."""
+    params = [p for p in _signature(type(module)).parameters.values() if p.name != "self"]
+    if "attention_mask" not in {p.name for p in params}:
+        return f"{type(module).__name__}.forward takes no attention mask (nothing is ever padded)"
+    if not params or params[0].name not in ("hidden_states", "inputs_embeds", "input_ids"):
+        first = params[0].name if params else "nothing"
+        return f"{type(module).__name__}.forward takes {first!r} first: not a text encoder"
     reason = _refusal(module)
     if reason is not None:
         raise UnsupportedError(f"{reason}; leave it unpatched (strict=False)")
