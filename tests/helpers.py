@@ -37,6 +37,16 @@ def registry_with(*patchers: Patcher, name: str = "testplugin") -> Registry:
     return registry
 
 
+def without_patchers(*names: str) -> Registry:
+    """The installed plugins' patchers except ``names``, in a fresh registry: tests of one patcher's
+    refusal use it where a lower-priority patcher would otherwise take the module (e.g. the verified
+    BERT path refuses, ``sdpa-generic-encoder`` runs the model's own code instead)."""
+    full = Registry()
+    full.load_entry_points()
+    assert all(any(p.name == n for p in full.patchers()) for n in names), names
+    return registry_with(*(p for p in full.patchers() if p.name not in names), name="without")
+
+
 def scaled_linear_patcher(fail_at: int | None = None, **kw: Any) -> Patcher:
     """Swap every nn.Linear for a ScaledLinear; raise on the ``fail_at``-th build (fault injection)."""
     calls = {"n": 0}

@@ -13,6 +13,7 @@ import patchkit_flash2.falcon as flash2_falcon
 import pytest
 import torch
 import transformers
+from helpers import without_patchers
 from patchkit_sdpa import bert, opt
 from test_flash2_falcon import batch as falcon_batch
 from test_flash2_falcon import falcon, logits, max_diff
@@ -22,6 +23,9 @@ from transformers.models.falcon import modeling_falcon
 
 import patchkit
 from patchkit import toolkit
+
+# The verified paths alone: without it the generic encoder takes what they refuse (running the model's own code).
+VERIFIED = without_patchers("sdpa-generic-encoder")
 
 PATHS = {
     "bert": (bert, lambda: bert.mirrored(bert._reference())),
@@ -64,17 +68,17 @@ def test_an_unknown_source_is_refused_warned_or_trusted(name: str, monkeypatch: 
     monkeypatch.delenv(toolkit.TRUST_ENV, raising=False)
     ref, model = _models(name)
     with pytest.raises(patchkit.UnsupportedError, match="differs from the releases it was checked against"):
-        patchkit.apply(model, attention="sdpa")
+        patchkit.apply(model, attention="sdpa", registry=VERIFIED)
     assert not patchkit.is_patched(model)
     with pytest.warns(patchkit.PatchkitWarning, match="differs from the releases"):
-        report = patchkit.apply(model, attention="sdpa", strict=False)
+        report = patchkit.apply(model, attention="sdpa", strict=False, registry=VERIFIED)
     assert report.swaps == []
     assert not patchkit.is_patched(model)  # a no-op apply leaves no trace
     # the user's explicit trust: an apply option, or the environment variable
-    assert len(patchkit.apply(model, attention="sdpa", trust_transformers=True).swaps) == 1
+    assert len(patchkit.apply(model, attention="sdpa", trust_transformers=True, registry=VERIFIED).swaps) == 1
     patchkit.reverse(model)
     monkeypatch.setenv(toolkit.TRUST_ENV, "1")
-    assert len(patchkit.apply(model, attention="sdpa").swaps) == 1
+    assert len(patchkit.apply(model, attention="sdpa", registry=VERIFIED).swaps) == 1
     if name == "opt":
         ids, mask = padded("left")
         with torch.no_grad():

@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import transformers
+from helpers import without_patchers
 from patchkit_sdpa import bert
 from patchkit_sdpa.bert import PackedEncoderMixin
 from test_sdpa_bert import TINY, batch, valid_diff
@@ -28,6 +29,9 @@ from transformers import (
 
 import patchkit
 from patchkit import toolkit
+
+# The verified paths alone: without it the generic encoder takes what they refuse (running the model's own code).
+VERIFIED = without_patchers("sdpa-generic-encoder")
 
 ARCHS = {
     "roberta-prelayernorm": (
@@ -156,7 +160,7 @@ def test_a_layer_whose_code_differs_is_left_alone(arch: str) -> None:
     inter.__class__ = MyIntermediate
     encoder = model.encoder
     with pytest.raises(patchkit.PatchError, match=f"layer 1 is not verifiably {variant(arch).name}"):
-        patchkit.apply(model, attention="sdpa")
+        patchkit.apply(model, attention="sdpa", registry=VERIFIED)
     assert model.encoder is encoder and not patchkit.is_patched(model)
 
 
@@ -174,11 +178,11 @@ def test_an_unknown_source_is_refused_or_trusted(arch: str, monkeypatch: pytest.
     ref = tiny(arch, "sdpa")
     model = copy.deepcopy(ref)
     with pytest.raises(patchkit.UnsupportedError, match="differs from the releases it was checked against"):
-        patchkit.apply(model, attention="sdpa")
+        patchkit.apply(model, attention="sdpa", registry=VERIFIED)
     assert not patchkit.is_patched(model)
     with pytest.warns(patchkit.PatchkitWarning, match="differs from the releases"):
-        assert patchkit.apply(model, attention="sdpa", strict=False).swaps == []
-    assert len(patchkit.apply(model, attention="sdpa", trust_transformers=True).swaps) == 1
+        assert patchkit.apply(model, attention="sdpa", strict=False, registry=VERIFIED).swaps == []
+    assert len(patchkit.apply(model, attention="sdpa", trust_transformers=True, registry=VERIFIED).swaps) == 1
     ids, mask = batch("left")
     assert valid_diff(_hidden(model, ids, mask), _hidden(ref, ids, mask), mask) < 1e-5
     # BERT's own table is untouched by this variant's refusal

@@ -24,7 +24,11 @@ SAMPLE = [
     ("bert", "encoder", "exact"),
     ("distilbert", "encoder", "exact"),
     ("xlm-roberta-xl", "encoder", "exact"),
-    ("mpnet", "encoder", "refused"),
+    ("mpnet", "encoder", "exact"),  # dedicated patcher: relative position bias per sequence
+    ("modernbert", "encoder", "exact"),  # generic encoder: rotary, local/global alternation
+    ("gte", "encoder", "exact"),  # generic encoder, base-model mode (rotary)
+    ("deberta-v2", "encoder", "exact"),  # split encoder: disentangled attention
+    ("bart", "encoder", "refused"),  # positions from the sequence length
 ]
 
 

@@ -27,7 +27,7 @@ OPTIONS = {
 @hookimpl
 def register_patchers(register: Callable[[Any], None]) -> None:
     """Register the BERT and DistilBERT encoder and OPT decoder patchers (family ``"sdpa"``, kind ``"attention"``)."""
-    from . import bert, distilbert, opt
+    from . import bert, distilbert, encoder_generic, encoder_split, mpnet, opt
 
     register(
         Patcher(
@@ -59,6 +59,53 @@ def register_patchers(register: Callable[[Any], None]) -> None:
             build=distilbert.build,
             description="DistilBERT transformer, padding-free (packed tokens, per-sequence SDPA)",
             covers=("DistilBertModel",),
+            options=OPTIONS,
+        )
+    )
+    register(
+        Patcher(
+            name="sdpa-mpnet-encoder",
+            kind="attention",
+            family="sdpa",
+            match=mpnet.looks_like_mpnet_encoder,
+            check=mpnet.check,
+            build=mpnet.build,
+            description="MPNet encoder, padding-free: packed tokens, per-sequence SDPA plus the relative bias",
+            covers=("MPNetModel", "all-mpnet-base-v2"),
+            options=OPTIONS,
+        )
+    )
+    register(
+        Patcher(
+            name="sdpa-split-encoder",
+            kind="attention",
+            family="sdpa",
+            match=encoder_split.match,
+            check=encoder_split.check,
+            build=encoder_split.build,
+            description="DeBERTa / DeBERTa-v2 / RoFormer: their own encoder forward per group of same-length sequences",
+            covers=("DebertaV2Model", "DebertaModel", "RoFormerModel"),
+            options=OPTIONS,
+        )
+    )
+    register(
+        Patcher(
+            name="sdpa-generic-encoder",
+            kind="attention",
+            family="sdpa",
+            match=encoder_generic.match,
+            check=encoder_generic.check,
+            build=encoder_generic.build,
+            priority=-10,
+            description="any bidirectional encoder dispatching through transformers' attention interface, padding-free",
+            covers=(
+                "ModernBertModel",
+                "GteModel",
+                "NomicBertModel",
+                "EuroBertModel",
+                "AlbertModel",
+                "encoders using ALL_ATTENTION_FUNCTIONS (see docs/support.md)",
+            ),
             options=OPTIONS,
         )
     )
