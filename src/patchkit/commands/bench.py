@@ -23,6 +23,7 @@ import argparse
 import copy
 import hashlib
 import json
+import re
 import statistics
 import sys
 import time
@@ -38,6 +39,7 @@ from .common import add_apply_options, add_progress_flags, model_class, one_line
 SWEEP_PADDING = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 MIB = 1024 * 1024
 SCHEMA = "patchkit-bench/1"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
 
 
 def add_parser(sub: Any) -> None:
@@ -145,6 +147,10 @@ def synthetic_batch(
 
 def text_batch(folder: Path, text: Path, batch: int, seq: int, left: bool, device: Any) -> dict[str, Any]:
     """The first ``batch`` lines of ``text`` (cycled), tokenized by the folder's tokenizer, truncated to ``seq``."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UsageError(
+            f"--padding {text}: real inputs need a tokenizer in {folder} (none of {', '.join(TOKENIZER_FILES)})"
+        )
     try:
         from transformers import AutoTokenizer
 
@@ -159,6 +165,8 @@ def text_batch(folder: Path, text: Path, batch: int, seq: int, left: bool, devic
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "left" if left else tokenizer.padding_side
     enc = tokenizer(rows, padding=True, truncation=True, max_length=seq, return_tensors="pt")
+    if enc["input_ids"].numel() == 0 or int(enc["attention_mask"].sum()) == 0:
+        raise UsageError(f"--padding {text}: the tokenizer in {folder} made no tokens of these inputs")
     return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
@@ -182,8 +190,9 @@ def has_weights(folder: Path) -> bool:
 
 def load_model(args: argparse.Namespace, show: bool) -> tuple[Any, bool]:
     """The original model in eval mode, and whether its weights are random (config only)."""
-    import patchkit
     import torch
+
+    import patchkit
 
     source = Path(args.source)
     cls, raw = model_class(source)
@@ -309,8 +318,9 @@ class Pair:
 
 def make_pair(model: Any, apply_kwargs: dict[str, Any], compile_: bool) -> Pair:
     """Apply (on the model, or on a copy for quantizers and --compile); keeps the fingerprints for reverse."""
-    import patchkit
     import torch
+
+    import patchkit
 
     swap = not (apply_kwargs.get("quantize") or compile_)
     before = fingerprint(model)
@@ -355,6 +365,7 @@ def measure(
     judged: bool,
     show: bool,
     desc: str,
+    delay: float = 1.0,
 ) -> dict[str, Any]:
     """Exactness, alternating timed runs and peak memory for one batch."""
     import torch
@@ -401,7 +412,7 @@ def measure(
     patched_ms: list[float] = []
     original_ms: list[float] = []
     waited, start = run_queue_wait(), time.perf_counter()
-    for _ in progress(range(repeats), show=show, desc=desc, unit="pair"):
+    for _ in progress(range(repeats), show=show, desc=desc, unit="pair", delay=delay):
         for which, times in (("patched", patched_ms), ("original", original_ms)):
             run = pair.use(which)
             _sync(device)
@@ -513,7 +524,8 @@ def run(args: argparse.Namespace) -> int:
     except UsageError:
         raise
     except PatchError as exc:
-        raise UsageError(_for_the_cli(one_line(exc))) from exc
+        message = re.sub(r"backend='([\w.-]+)'", r"--backend \1", _for_the_cli(one_line(exc)))
+        raise UsageError(message) from exc
     except OSError as exc:
         raise UsageError(one_line(exc)) from exc
 
@@ -537,6 +549,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"{source}: no such checkpoint folder or config.json")
     options = _parse_options(args.option)
     show = show_progress(args.progress) and not args.json
+    delay = 0.0 if args.progress else 1.0  # --progress: bars from the start; else only phases over a second
     lines: list[str] = []
 
     def say(text: str = "") -> None:
@@ -544,6 +557,9 @@ def _run(args: argparse.Namespace) -> int:
         if not args.json:
             print(text, flush=True)
 
+    folder = source if source.is_dir() else source.parent
+    if isinstance(padding, Path) and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UsageError(f"--padding {padding}: real inputs need a tokenizer in {folder}")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, random_weights = load_model(args, show)
@@ -556,7 +572,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.generate and not hasattr(model, "generate"):
         raise UsageError(f"{type(model).__name__} cannot generate; drop --generate")
     left = bool(args.generate)
-    work = Workload(batch, seq, None if isinstance(padding, Path) else padding, padding if isinstance(padding, Path) else None, args.generate)
+    work = Workload(
+        batch,
+        seq,
+        None if isinstance(padding, Path) else padding,
+        padding if isinstance(padding, Path) else None,
+        args.generate,
+    )
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     apply_kwargs: dict[str, Any] = dict(
         attention=args.attention,
@@ -571,7 +593,11 @@ def _run(args: argparse.Namespace) -> int:
     judged = not args.quantize
     tolerance = args.tolerance if args.tolerance is not None else _default_tolerance(dtype)
 
-    weights = "random weights (config only: outputs and speed are real, quality is not)" if random_weights else "weights from the checkpoint"
+    weights = (
+        "random weights (config only: outputs and speed are real, quality is not)"
+        if random_weights
+        else "weights from the checkpoint"
+    )
     say(f"{type(model).__name__} from {source}: {weights}, {dtype}, {args.device}, {torch.get_num_threads()} threads")
     original_bytes = tensor_bytes(model)
     pair = make_pair(model, apply_kwargs, args.compile)
@@ -580,14 +606,14 @@ def _run(args: argparse.Namespace) -> int:
 
     def batch_for(share: float | None) -> dict[str, Any]:
         if work.text is not None:
-            return text_batch(source if source.is_dir() else source.parent, work.text, batch, seq, left, args.device)
+            return text_batch(folder, work.text, batch, seq, left, args.device)
         assert share is not None
         return synthetic_batch(batch, seq, share, vocab, pad_id, left, args.seed, args.device)
 
     kind = f"generate {args.generate} tokens" if args.generate else "forward"
     shares: list[float | None] = list(SWEEP_PADDING) if args.sweep else [work.padding]
     points = []
-    for share in progress(shares, show=show and len(shares) > 1, desc="sweep", unit="point"):
+    for share in progress(shares, show=show and len(shares) > 1, desc="sweep", unit="point", delay=delay):
         inputs = batch_for(share)
         label = f"{100 * share:.0f}% padding" if share is not None else str(work.text)
         points.append(
@@ -602,25 +628,31 @@ def _run(args: argparse.Namespace) -> int:
                 judged=judged,
                 show=show,
                 desc=f"timing ({label})",
+                delay=delay,
             )
         )
         point = points[-1]
         side = "left" if left else "right"
-        say(
-            f"workload: {batch} x {inputs['input_ids'].shape[1]} tokens, {point['padding']:.0%} padding ({side}-padded"
-            f"{', ' + str(work.text) if work.text else ''}), {kind}"
-        )
-        _say_point(say, point, judged)
+        if not args.sweep:
+            say(
+                f"workload: {batch} x {inputs['input_ids'].shape[1]} tokens, {point['padding']:.0%} padding "
+                f"({side}-padded{', ' + str(work.text) if work.text else ''}), {kind}"
+            )
+            _say_point(say, point, judged)
+    if args.sweep:
+        _say_sweep(say, points, f"{batch} x {seq} tokens, {'left' if left else 'right'}-padded, {kind}")
     reverse = verify_reverse(pair, bool(args.quantize), options)
     verdict = "yes" if reverse["same_objects"] and reverse["bit_exact"] and not reverse["still_patched"] else "NO"
     say(f"reverse restored the original exactly (same module and parameter objects, same bytes): {verdict}")
     if reverse.get("detail"):
         say(f"  {reverse['detail']}")
-    say(f"model memory (parameters and buffers): original {original_bytes / MIB:.1f} MiB, patched {patched_bytes / MIB:.1f} MiB")
+    sizes = f"original {original_bytes / MIB:.1f} MiB, patched {patched_bytes / MIB:.1f} MiB"
+    say(f"model memory (parameters and buffers): {sizes}")
     exact_ok = all(p["exactness"]["ok"] is not False for p in points)
     ok = exact_ok and reverse["ok"]
     if args.plot:
-        title = f"{type(model).__name__} {args.attention or args.quantize or ','.join(args.patch or [])}: {batch}x{seq}, {kind}"
+        what = args.attention or args.quantize or ",".join(args.patch or [])
+        title = f"{type(model).__name__} {what}: {batch}x{seq}, {kind}"
         plot(points, args.plot, title)
         say(f"plot: {args.plot}")
     say("bench OK" if ok else "bench FAILED")
@@ -687,6 +719,28 @@ def _say_point(say: Callable[[str], None], point: dict[str, Any], judged: bool) 
     o, p = memory["original_peak_growth_mib"], memory["patched_peak_growth_mib"]
     if o is not None and p is not None:
         say(f"peak memory growth during a call: original {o:.0f} MiB, patched {p:.0f} MiB")
+
+
+def _say_sweep(say: Callable[[str], None], points: list[dict[str, Any]], workload: str) -> None:
+    """One row per padding share, then the busy-machine notes."""
+    say(f"sweep over padding: {workload}")
+    generate = points[0]["exactness"]["metric"] == "greedy_tokens_equal"
+    head = "greedy tokens" if generate else "max |diff|"
+    say(f"padding  {head:>13}  original ms  patched ms  speed-up  per-pair range")
+    for p in points:
+        e, sp = p["exactness"], p["speed"]
+        exact = ("equal" if e["value"] else "DIFFERENT") if generate else f"{e['value']:.2e}"
+        if e["ok"] is False:
+            exact += "!"
+        say(
+            f"{p['padding']:>7.0%}  {exact:>13}  {sp['original_ms']:>11.1f}  {sp['patched_ms']:>10.1f}  "
+            f"{sp['speedup']:>7.2f}x  {sp['pair_range'][0]:.2f}x..{sp['pair_range'][1]:.2f}x"
+        )
+    busy = [f"{100 * p['padding']:.0f}%" for p in points if p["speed"]["busy"]]
+    threads = points[0]["speed"]["threads"]
+    say(f"(median of {points[0]['speed']['repeats']} alternating runs per row, {threads} threads)")
+    if busy:
+        say(f"note: the machine looked busy during the rows {', '.join(busy)}; those speed-ups are not fair figures")
 
 
 def main() -> None:  # pragma: no cover - `python -m patchkit.commands.bench`

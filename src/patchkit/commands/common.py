@@ -31,7 +31,9 @@ def model_class(source: str | Path) -> tuple[Any, dict[str, Any]]:
     config_file, raw = _read_config(source)
     model_type = raw.get("model_type")
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        raise UsageError(f"{config_file}: unknown model_type {model_type!r} for transformers {transformers.__version__}")
+        raise UsageError(
+            f"{config_file}: unknown model_type {model_type!r} for transformers {transformers.__version__}"
+        )
     names = [a for a in (raw.get("architectures") or []) if isinstance(a, str)]
     cls = next((getattr(transformers, a) for a in names if hasattr(transformers, a)), None)
     if cls is None:
@@ -49,8 +51,10 @@ def show_progress(flag: bool | None) -> bool:
     return sys.stderr.isatty() if flag is None else flag
 
 
-def progress(items: Iterable[Any], *, show: bool, desc: str, total: int | None = None, unit: str = "it") -> Iterator[Any]:
-    """``items`` with a tqdm bar on stderr that appears after a second (only when ``show``)."""
+def progress(
+    items: Iterable[Any], *, show: bool, desc: str, total: int | None = None, unit: str = "it", delay: float = 1.0
+) -> Iterator[Any]:
+    """``items`` with a tqdm bar on stderr that appears after ``delay`` seconds (only when ``show``)."""
     if show:
         try:
             from tqdm.auto import tqdm
@@ -59,7 +63,7 @@ def progress(items: Iterable[Any], *, show: bool, desc: str, total: int | None =
     if not show:
         yield from items
         return
-    with tqdm(items, total=total, desc=f"patchkit: {desc}", unit=unit, delay=1.0, leave=False) as bar:
+    with tqdm(items, total=total, desc=f"patchkit: {desc}", unit=unit, delay=delay, leave=False) as bar:
         yield from bar
 
 
@@ -77,7 +81,9 @@ def add_apply_options(parser: argparse.ArgumentParser, *, quantize_required: boo
         parser.add_argument("--patch", action="append", help="a family of kind 'other' (repeatable)")
         parser.add_argument("--backend", default="auto", help="attention backend (default: auto)")
     parser.add_argument(
-        "--quantize", required=quantize_required, help="quantizer family (int8, fp4, nf4)" + (" [required]" * quantize_required)
+        "--quantize",
+        required=quantize_required,
+        help="quantizer family (int8, fp4, nf4)" + (" [required]" * quantize_required),
     )
     parser.add_argument("--only", action="append", help="qualified-name pattern to patch only (repeatable)")
     parser.add_argument("--skip", action="append", help="qualified-name pattern to leave alone (repeatable)")
