@@ -275,19 +275,18 @@ def test_bench_quantize_reports_the_error_and_the_lossy_reverse(checkpoints, cap
 
 def test_bench_sweep_and_plot(checkpoints, tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    png, svg = tmp_path / "speed.png", tmp_path / "speed.svg"
+    png = tmp_path / "speed.png"
     args = ["bench", str(checkpoints["bert"]), "--attention", "sdpa", "--batch", "4x24", "--repeats", "1"]
-    assert main([*args, "--sweep", "padding", "--plot", str(png)]) == 0
+    assert main([*args, "--sweep", "padding", "--plot", str(png), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    shares = [p["padding"] for p in result["points"]]
+    assert len(shares) == 7 and shares[0] == 0 and shares == sorted(shares) and 0.55 < shares[-1] < 0.65
+    assert all(p["exactness"]["ok"] for p in result["points"]) and result["sweep"] == "padding"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert main([*args, "--sweep", "padding", "--padding", "0.2"]) == 0  # --padding is ignored by the sweep
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.strip().endswith("x") and "%" in line]
     assert len(rows) == 7 and rows[0].split()[0] == "0%", out
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert main([*args, "--sweep", "padding", "--plot", str(svg), "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    shares = [p["padding"] for p in result["points"]]
-    assert shares[0] == 0 and shares == sorted(shares) and 0.55 < shares[-1] < 0.65
-    assert all(p["exactness"]["ok"] for p in result["points"])
-    assert b"<svg" in svg.read_bytes()[:500]
 
 
 def test_bench_plot_without_matplotlib_says_how_to_install(checkpoints, tmp_path):
@@ -300,13 +299,15 @@ def test_bench_plot_without_matplotlib_says_how_to_install(checkpoints, tmp_path
     assert not (tmp_path / "p.png").exists()
 
 
-def test_bench_progress_silent_when_piped_and_shown_when_forced(checkpoints):
+def test_bench_progress_silent_when_not_a_terminal_and_shown_when_forced(checkpoints, capsys):
+    # stderr here is pytest's capture, not a terminal: as when piped, no bar by default
     args = ["bench", str(checkpoints["bert"]), "--attention", "sdpa", "--batch", "2x16", "--repeats", "2"]
-    piped = run_cli(*args)
-    assert piped.returncode == 0, piped.stderr
-    assert own_lines(piped.stderr) == [] and "\r" not in piped.stderr
-    forced = run_cli(*args, "--progress")
-    assert forced.returncode == 0 and "patchkit: timing (30% padding)" in forced.stderr
+    assert not sys.stderr.isatty()
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert own_lines(err) == [] and "\r" not in err
+    assert main([*args, "--progress"]) == 0
+    assert "patchkit: timing (30% padding)" in capsys.readouterr().err
 
 
 def test_bench_fails_when_outputs_differ_beyond_the_tolerance(checkpoints, capsys):
