@@ -311,6 +311,7 @@ def main() -> None:
     parser.add_argument("--route", nargs=2, metavar=("NAME", "DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quantize-command", action="store_true", help="patchkit quantize vs transformers' save")
+    parser.add_argument("--routes", help="comma-separated routes to run (default: all of the chosen set)")
     args = parser.parse_args()
     if args.generate:
         print(json.dumps(generate(args.generate, args.small)))
@@ -319,6 +320,8 @@ def main() -> None:
         print(json.dumps(route(args.route[0], args.route[1], args.device)))
         return
     routes = QUANTIZE_ROUTES if args.quantize_command else ROUTES
+    if args.routes:
+        routes = tuple(args.routes.split(","))
     result = run(args.small, device=args.device, routes=routes)
     print(table(result))
     if args.out:

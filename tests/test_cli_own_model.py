@@ -328,6 +328,7 @@ def test_bench_fails_when_outputs_differ_beyond_the_tolerance(checkpoints, capsy
         (["--sweep", "padding", "--plot", "x.pdf"], ".png or .svg"),
         (["--repeats", "0"], "at least 1"),
         (["--dtype", "int8"], "floating torch dtype"),
+        (["--generate", "2"], "cannot generate"),
         (["--attention", "flash2"], "--backend reference"),
     ],
 )

@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         f"{quantized} modules quantized={args.quantize}; loaded in {loaded - start:.1f} s, "
         f"written in {time.perf_counter() - loaded:.1f} s"
     )
-    print(f"reload: {cls.__name__}.from_pretrained({str(dest)!r}) (transformers, bitsandbytes installed)")
+    print(f"reload: {cls.__name__}.from_pretrained({str(dest)!r}) (transformers; the quantizer's package installed)")
     return 0
 
 
