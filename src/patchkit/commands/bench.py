@@ -340,7 +340,9 @@ def make_pair(model: Any, apply_kwargs: dict[str, Any], compile_: bool) -> Pair:
 def _call(run: Any, inputs: Mapping[str, Any], generate: int | None, pad_id: int) -> Any:
     import torch
 
-    with torch.inference_mode():
+    # inference_mode for eager runs; no_grad for compiled ones (Dynamo traces them as the tests do)
+    compiled = isinstance(run, torch._dynamo.eval_frame.OptimizedModule)
+    with torch.no_grad() if compiled else torch.inference_mode():
         if generate:
             return run.generate(
                 **inputs,
@@ -376,6 +378,9 @@ def measure(
     def once(which: str) -> Any:
         return _call(pair.use(which), inputs, work.generate, pad_id)
 
+    if pair.run_patched is not pair.patched:  # --compile: one eager call first, so that a patcher's
+        # lazily resolved state (the sdpa plugin's kernel choice reads package metadata) is not traced
+        _call(pair.patched, inputs, work.generate, pad_id)
     reference = once("original")  # also the warm-up (and compilation) of both
     result = once("patched")
     mask = inputs["attention_mask"].bool()
