@@ -47,7 +47,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "bench",
         help="patch your own checkpoint, compare outputs with the original, time both, reverse",
-        description=__doc__.splitlines()[0] if __doc__ else None,
+        description="Patch your own model, compare its outputs with the original's, time both, reverse.",
     )
     p.add_argument("source", help="checkpoint folder, or a config.json alone (random weights)")
     add_apply_options(p)
@@ -243,24 +243,20 @@ def tensor_bytes(model: Any) -> int:
 
 def fingerprint(model: Any) -> tuple[Any, ...]:
     """Module objects and classes, parameter objects, and a SHA-256 of every tensor's bytes."""
+    import torch
+
     digests = []
     for name, t in model.state_dict(keep_vars=True).items():
         data = t.detach().cpu().contiguous()
         h = hashlib.sha256(str((data.dtype, tuple(data.shape))).encode())
         if data.numel():
-            h.update(data.reshape(-1).view(_byte_dtype()).numpy().tobytes())
+            h.update(data.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
         digests.append((name, h.hexdigest()))
     return (
         [(name, id(m), type(m)) for name, m in model.named_modules(remove_duplicate=False)],
         [(name, id(p)) for name, p in model.named_parameters()],
         digests,
     )
-
-
-def _byte_dtype() -> Any:
-    import torch
-
-    return torch.uint8
 
 
 def _sync(device: str) -> None:

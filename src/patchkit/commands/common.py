@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from ..cli import UsageError, _read_config
-from ..errors import PatchError
 
 
 def one_line(exc: BaseException) -> str:
@@ -91,8 +90,3 @@ def add_apply_options(parser: argparse.ArgumentParser, *, quantize_required: boo
         "-o", "--option", action="append", metavar="KEY=VALUE", help="a patcher option, as apply(..., key=value)"
     )
     parser.add_argument("--lenient", action="store_true", help="leave unsupported modules alone instead of failing")
-
-
-def library_errors() -> tuple[type[BaseException], ...]:
-    """What a command turns into one line and exit status 2 (besides UsageError)."""
-    return (PatchError, OSError, ValueError)

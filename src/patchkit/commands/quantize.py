@@ -45,7 +45,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "quantize",
         help="stream a checkpoint through the quantizer and write a quantized checkpoint transformers reloads",
-        description=__doc__.splitlines()[0] if __doc__ else None,
+        description="Write a quantized checkpoint that transformers reloads, never holding the full-precision model.",
     )
     p.add_argument("source", help="checkpoint folder (config.json + model.safetensors or an index and its shards)")
     p.add_argument("dest", help="folder to write (must not exist unless --overwrite)")
