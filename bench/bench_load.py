@@ -10,6 +10,14 @@ of the load call (imports excluded; the RSS after imports is reported as ``base_
 - ``apply_nf4``: ``from_pretrained(path)`` then ``patchkit.apply(model, quantize="nf4")``
 - ``pk_nf4`` / ``pk_int8``: ``patchkit.from_pretrained(OPTForCausalLM, path, quantize=...)``
 
+``--quantize-command`` compares writing a quantized checkpoint instead (``model_mib`` is then the
+size of the written ``model.safetensors``):
+
+- ``hf_nf4_save`` / ``hf_int8_save``: ``from_pretrained(path, quantization_config=...)`` then
+  ``model.save_pretrained(dest)``
+- ``cli_nf4`` / ``cli_int8``: ``patchkit quantize path dest --quantize ...`` (in the process:
+  ``patchkit.cli.main``)
+
 Goals (checked and printed, not asserted): patchkit's peak RSS <= 0.5x transformers'
 BitsAndBytesConfig route of the same family, and <= base + quantized size + largest tensor +
 400 MiB; load time <= 1.2x transformers' route.
@@ -17,6 +25,7 @@ BitsAndBytesConfig route of the same family, and <= base + quantized size + larg
     python bench/bench_load.py              # the issue's size (a few minutes on 2 cores)
     python bench/bench_load.py --small      # tiny OPT, seconds: a dry run of every route
     python bench/bench_load.py --out DIR    # also write DIR/bench_load.json
+    python bench/bench_load.py --quantize-command [--small]   # `patchkit quantize` vs transformers' save
 
 ``gpu_checks(small)`` runs the quantized routes with ``device_map="cuda"`` and reports peak host
 RSS and peak device memory (``torch.cuda.max_memory_allocated``); small=True is a CPU dry run.
@@ -38,6 +47,7 @@ from typing import Any
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 ROUTES = ("fp32", "hf_nf4", "hf_int8", "apply_nf4", "pk_nf4", "pk_int8")
+QUANTIZE_ROUTES = ("hf_nf4_save", "cli_nf4", "hf_int8_save", "cli_int8")
 MIB = 1024 * 1024
 
 
@@ -125,6 +135,8 @@ def route(name: str, folder: str, device: str) -> dict[str, Any]:
     cuda = device.startswith("cuda")
     kwargs: dict[str, Any] = {"device_map": device} if device != "cpu" else {}
     start = time.perf_counter()
+    if name.startswith("cli_") or name.endswith("_save"):
+        return _quantize_route(name, folder, base, start)
     if name == "fp32":
         model = cls.from_pretrained(folder, **kwargs)
     elif name.startswith("hf_"):
@@ -152,6 +164,41 @@ def route(name: str, folder: str, device: str) -> dict[str, Any]:
     with torch.no_grad():  # it works
         ids = torch.randint(0, 100, (1, 8), device=device)
         out["logits_finite"] = bool(torch.isfinite(model(input_ids=ids).logits).all())
+    return out
+
+
+def _quantize_route(name: str, folder: str, base: float, start: float) -> dict[str, Any]:
+    """Write a quantized checkpoint along route ``name``; peak RSS, time, written size; reload check."""
+    import torch
+    import transformers
+
+    from patchkit.cli import main as cli_main
+
+    family = name.split("_")[1]
+    with tempfile.TemporaryDirectory(prefix="patchkit-bench-quantize-") as tmp:
+        dest = os.path.join(tmp, "out")
+        if name.startswith("cli_"):
+            code = cli_main(["quantize", folder, dest, "--quantize", family, "--no-progress"])
+            if code != 0:
+                raise RuntimeError(f"patchkit quantize exited {code}")
+        else:
+            quant = (
+                transformers.BitsAndBytesConfig(load_in_8bit=True)
+                if family == "int8"
+                else transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=family)
+            )
+            model = transformers.OPTForCausalLM.from_pretrained(folder, quantization_config=quant)
+            model.save_pretrained(dest)
+            del model
+        seconds = time.perf_counter() - start
+        peak = _rss_mib()
+        written = os.path.getsize(os.path.join(dest, "model.safetensors"))
+        out = {"route": name, "seconds": round(seconds, 2), "peak_mib": round(peak, 1), "base_mib": round(base, 1)}
+        out["model_mib"] = round(written / MIB, 1)
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(dest)
+        with torch.no_grad():  # it reloads and works
+            ids = torch.randint(0, 100, (1, 8))
+            out["logits_finite"] = bool(torch.isfinite(reloaded(input_ids=ids).logits).all())
     return out
 
 
@@ -209,6 +256,23 @@ def run(small: bool, device: str = "cpu", routes: tuple[str, ...] = ROUTES) -> d
             and pk["peak_mib"] <= bound
             and pk["seconds"] <= 1.2 * hf["seconds"],
         }
+    for family in ("nf4", "int8"):
+        cli, hf = results.get(f"cli_{family}"), results.get(f"hf_{family}_save")
+        if cli is None:
+            continue
+        bound = cli["base_mib"] + cli["model_mib"] + largest / MIB + 400
+        goals[f"quantize_{family}"] = {
+            "rss_bound_mib": round(bound, 1),
+            "rss_within_bound": cli["peak_mib"] <= bound,
+            **(
+                {
+                    "rss_ratio_vs_transformers": round(cli["peak_mib"] / hf["peak_mib"], 3),
+                    "time_ratio_vs_transformers": round(cli["seconds"] / hf["seconds"], 3),
+                }
+                if hf
+                else {}
+            ),
+        }
     out["goals"] = goals
     return out
 
@@ -246,6 +310,8 @@ def main() -> None:
     parser.add_argument("--generate", metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--route", nargs=2, metavar=("NAME", "DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quantize-command", action="store_true", help="patchkit quantize vs transformers' save")
+    parser.add_argument("--routes", help="comma-separated routes to run (default: all of the chosen set)")
     args = parser.parse_args()
     if args.generate:
         print(json.dumps(generate(args.generate, args.small)))
@@ -253,7 +319,10 @@ def main() -> None:
     if args.route:
         print(json.dumps(route(args.route[0], args.route[1], args.device)))
         return
-    result = run(args.small, device=args.device)
+    routes = QUANTIZE_ROUTES if args.quantize_command else ROUTES
+    if args.routes:
+        routes = tuple(args.routes.split(","))
+    result = run(args.small, device=args.device, routes=routes)
     print(table(result))
     if args.out:
         os.makedirs(args.out, exist_ok=True)

@@ -9,6 +9,7 @@ Dropout is 0: the ranks' RNG streams differ from the single process's.
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 from collections.abc import Callable
@@ -186,7 +187,7 @@ def worker(rank: int, world: int, scenarios: list[str], port: int, out: str) -> 
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         for scenario in scenarios:
             try:

@@ -6,9 +6,9 @@ import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from ddp_scenarios import SCENARIOS, train, worker
 from helpers import registry_with, scaled_linear_patcher
+from spawn import spawn_ranks
 from torch import nn
 
 import patchkit
@@ -23,11 +23,9 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     """One spawn of 2 gloo ranks runs every scenario (process start-up dominates on 2 cores)."""
-    out = tmp_path_factory.mktemp("ddp")
-    mp.start_processes(
-        worker, args=(2, sorted(SCENARIOS), free_port(), str(out)), nprocs=2, join=True, start_method="spawn"
-    )
-    return out
+    # joined with a deadline, killed and retried once on a hang (torch's gloo spawn, see spawn.py)
+    names = sorted(SCENARIOS)
+    return spawn_ranks(worker, lambda port, out: (2, names, port, str(out)), tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.mark.slow  # two-process gloo groups

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import re
 import signal
 import sys
 import time
@@ -193,7 +194,9 @@ def check(arch: str, kind: str) -> Row:
         if tokens is not None:
             again = model.generate(**left, max_new_tokens=4, do_sample=False, pad_token_id=0)
             same_tokens = bool(torch.equal(again, tokens))
-        padding_free = any("padding-free on" in note for note in report.notes) if kind == "decoder" else True
+        # the patcher's route note ("... padding-free on" / "padding-free off (why)"), not the path rule's prose
+        on = re.compile(r"padding-free on($| \()")
+        padding_free = any(on.search(note) for note in report.notes) if kind == "decoder" else True
     except Exception as exc:
         patchkit.reverse(model)
         return Row(arch, kind, "WRONG", f"patched forward raised {type(exc).__name__}: {exc}"[:200])

@@ -1,4 +1,4 @@
-"""The ``patchkit`` command: ``plugins``, ``plan`` and ``demo``.
+"""The ``patchkit`` command: ``plugins``, ``plan``, ``demo``, ``bench`` and ``quantize``.
 
 Bad input (a missing or malformed config, an unknown ``model_type``, an unknown family or option)
 ends with one line on stderr and exit status 2, never a traceback.
@@ -176,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--quick", action="store_true", help="smaller batch, fewer timing repeats")
     p_demo.add_argument("--name", help="which demo (default: the first registered)")
     p_demo.set_defaults(func=_cmd_demo)
+    from .commands import bench, quantize  # the commands on a user's own checkpoint
+
+    bench.add_parser(sub)
+    quantize.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
@@ -198,4 +202,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m patchkit.cli`: run the imported module's main, so that this file's classes
+    # (UsageError) are the ones the subcommands in patchkit.commands raise
+    from patchkit.cli import main as _main
+
+    sys.exit(_main())
