@@ -95,7 +95,10 @@ GUIDE_ITEMS = {
     "checkpoint_source in check and build": "There `ctx.checkpoint_source(tensor)` answers in\n`check` and `build`",
     "TensorSource.read": "`TensorSource.read(where)` reads the tensor back",
     "stacked patchers": "**Stacked patchers**",
-    "importable replacement classes": "**Replacement classes must be importable**",
+    "pickling refused by the core": "**Pickling is refused for you.**",
+    "restore never on rollback": "**`restore` is never called on a rollback**",
+    "same_checkpoint not trusted": "is **not trusted**",
+    "core keep_original and guards": "## A quantizer: what the core does for you",
     "weight copies under the meta build": "### Patchers that copy weights, under `patchkit.from_pretrained`",
     "toolkit": "## Helpers: `patchkit.toolkit`",
 }
@@ -112,7 +115,8 @@ def test_api_reference_is_current():
 
     api = (ROOT / "docs" / "api.md").read_text()
     assert f"this release: {patchkit.registry.PLUGIN_API_VERSION}" in api
-    assert "dry_run" not in api  # removed: read by nothing
+    # deprecated, not removed (the deprecation policy): documented as such, with its replacement
+    assert "`ctx.dry_run` is deprecated" in api and "## Deprecation policy" in api
     for name in ("covers", "same_checkpoint", "on_commit", "ctx.cache", "Swap", "Registry()", "add_plugin"):
         assert name in api, name
     for flag in ("--patch", "--train", "-o key=value", "--lenient"):
@@ -163,3 +167,41 @@ def test_patcher_pages_do_not_say_attention_patched_models_refuse_to_save():
     for page in ("sdpa.md", "flash2.md"):
         text = " ".join((ROOT / "docs" / "patchers" / page).read_text().split())
         assert "`save_pretrained` refuses" not in text, page
+
+
+def test_the_quantizer_example_in_the_plugin_guide_runs_as_documented(tmp_path: Path) -> None:
+    """The guide's complete int8 quantizer, run as written: what it says the core does for it holds."""
+    import copy
+    import pickle
+    import types
+
+    import pytest
+    import torch
+    from torch import nn
+
+    import patchkit
+
+    guide = (ROOT / "docs" / "write-a-plugin.md").read_text()
+    [source] = [b for b in code_blocks(guide, "python") if b.startswith("# example: int8 quantizer")]
+    plugin = types.ModuleType("tq8_example")
+    exec(compile(source, "write-a-plugin.md", "exec"), plugin.__dict__)
+    registry = patchkit.Registry()
+    assert registry.add_plugin(plugin, name="tq8").status == "loaded"
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    params = [(p, p.detach().clone()) for p in model.parameters()]
+    x = torch.randn(4, 16)
+    expected = model(x).detach()
+    for keep in ("cpu", str(tmp_path / "kept")):
+        patchkit.apply(model, quantize="tq8", keep_original=keep, registry=registry)
+        assert params[0][0].numel() == 0 and torch.allclose(model(x), expected, atol=0.05)  # freed, quantized
+        with pytest.raises(patchkit.PatchedModelError, match="load_state_dict"):
+            model.load_state_dict(copy.deepcopy(model.state_dict()))
+        with pytest.raises(patchkit.PatchedModelError):
+            pickle.dumps(model)
+        patchkit.reverse(model)  # the same Parameter objects, bit for bit
+        assert all(p is q and torch.equal(p, v) for (p, v), q in zip(params, model.parameters(), strict=True))
+    patchkit.apply(model, quantize="tq8", registry=registry)
+    patchkit.reverse(model)  # no keep_original: dequantized
+    assert all(torch.allclose(p, v, atol=0.02) for p, v in params) and not torch.equal(model[0].weight, params[0][1])
