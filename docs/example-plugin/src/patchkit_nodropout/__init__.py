@@ -44,6 +44,5 @@ def register_patchers(register):
             description="Dropout -> identity for inference",
             covers=("torch.nn.Dropout and subclasses",),
             options={"allow_training": "also patch modules in training mode (default False)"},
-            same_checkpoint=True,  # same state dict: saving while patched writes the original model
         )
     )
