@@ -15,8 +15,8 @@ from .atomic import gc_paused, interrupts_held
 from .errors import ArgumentError, ConflictError, NotPatchedError, PatchedModelError, UnsupportedError
 from .journal import JOURNAL_ATTR, find_journal, find_journals
 from .pipeline import PatchReport, Run, check_not_applied
-from .planning import Plan, Request, build_plan, requested_stages
-from .registry import Registry, default_registry
+from .planning import Plan, Request, build_plan
+from .registry import Registry
 
 
 def plan(
@@ -36,16 +36,18 @@ def plan(
 
     Works on models on the ``meta`` device. Raises what ``apply`` would raise.
     """
-    stages = requested_stages(attention, quantize, patch)
     request = Request.make(
-        stages,
-        registry=registry or default_registry(),
+        attention=attention,
+        quantize=quantize,
+        patch=patch,
+        registry=registry,
         backend=backend,
         strict=strict,
         only=only,
         skip=skip,
         options=options,
     )
+    stages = request.stages
     check_not_applied(model, stages)
     return build_plan(model, request, "plan")
 
@@ -72,18 +74,20 @@ def apply(
     keyword ``options`` reach the patchers. Everything is checked before anything changes; if a
     patcher fails midway, everything done so far is undone and the error re-raised.
     """
-    stages = requested_stages(attention, quantize, patch)
-    if not stages:
-        raise ValueError("nothing to apply: pass attention=..., quantize=... or patch=...")
     request = Request.make(
-        stages,
-        registry=registry or default_registry(),
+        attention=attention,
+        quantize=quantize,
+        patch=patch,
+        registry=registry,
         backend=backend,
         strict=strict,
         only=only,
         skip=skip,
         options=options,
     )
+    stages = request.stages
+    if not stages:
+        raise ValueError("nothing to apply: pass attention=..., quantize=... or patch=...")
     check_not_applied(model, stages)
     with gc_paused():
         ddp = _check_wrappers(model)

@@ -41,8 +41,8 @@ from .atomic import gc_paused, run_all
 from .checkpoint import Checkpoint, Entry, ShardReader, Shared, TensorSource, open_checkpoint
 from .errors import UnsupportedError
 from .pipeline import PatchkitWarning, PatchReport, Run, check_not_applied
-from .planning import Request, Stage, build_plan, check_requirements, requested_stages
-from .registry import Registry, default_registry
+from .planning import Request, Stage, build_plan, check_requirements
+from .registry import Registry
 
 CHECKPOINT_OPTION = "checkpoint"  # keep_original="checkpoint": fingerprint the tensors the quantizer takes
 
@@ -96,10 +96,11 @@ def from_pretrained(
     model, or ``(model, report)`` with ``return_report=True`` (``report`` is ``None`` when nothing
     was requested). Progress is shown on a terminal (``progress=True/False`` forces it).
     """
-    stages = requested_stages(attention, quantize, patch)
     request = Request.make(
-        stages,
-        registry=registry or default_registry(),
+        attention=attention,
+        quantize=quantize,
+        patch=patch,
+        registry=registry,
         backend=backend,
         strict=strict,
         only=only,

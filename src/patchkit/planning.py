@@ -19,7 +19,7 @@ from . import keep
 from .errors import ConflictError, PatchError, UnsupportedError
 from .journal import Journal
 from .patcher import PatchContext, Patcher, Phase
-from .registry import Registry
+from .registry import Registry, default_registry
 from .tree import Node, Pattern, compile_patterns, name_matches, walk
 
 
@@ -379,16 +379,22 @@ class Request:
     @classmethod
     def make(
         cls,
-        stages: list[tuple[str, str]],
         *,
-        registry: Registry,
+        attention: str | None = None,
+        quantize: str | None = None,
+        patch: str | Iterable[str] | None = None,
+        registry: Registry | None = None,
         backend: str = "auto",
         strict: bool = True,
         only: Any = None,
         skip: Any = None,
         options: Mapping[str, Any] | None = None,
     ) -> Request:
-        """Validate the arguments (patterns, option names, ``keep_original``) and split the options by stage."""
+        """The request of one ``apply`` / ``plan`` / ``from_pretrained`` call, from its arguments:
+        stages in run order, the registry (default: the installed plugins), patterns, option names
+        and ``keep_original`` validated, the options split by stage."""
+        stages = requested_stages(attention, quantize, patch)
+        registry = registry if registry is not None else default_registry()
         options = dict(options or {})
         keep_original = keep.check_value(options.get(keep.OPTION))
         return cls(
