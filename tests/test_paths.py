@@ -53,6 +53,8 @@ def _valid(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
 # -- the cost models are pure functions over known facts --------------------------------------
 def test_cost_models_are_pure_functions_of_the_facts() -> None:
     small = CallFacts(tokens=16, slots=16, batch=1, length=16)
+    few = CallFacts(tokens=11, slots=16, batch=1, length=16)  # 30% padding but 5 slots: not worth packing
+    assert sdpa_paths.choose_encoder_path(few)[0] == "original"
     padded = CallFacts(tokens=700, slots=1024, batch=4, length=256)
     assert sdpa_paths.choose_encoder_path(small)[0] == "original"
     assert sdpa_paths.choose_encoder_path(padded)[0] == "packed"
@@ -63,6 +65,7 @@ def test_cost_models_are_pure_functions_of_the_facts() -> None:
     assert flash2_paths.choose_flash2_path(decode, packable=False)[0] == "original"
     assert flash2_paths.choose_flash2_path(padded, packable=True)[0] == "packed"
     assert flash2_paths.choose_flash2_path(padded, packable=False)[0] == "original"
+    assert flash2_paths.choose_flash2_path(few, packable=True)[0] == "original"  # 5 padded slots
     gpu = CallFacts(tokens=100_000, slots=200_000, batch=64, length=3125, device="cuda")
     assert flash2_paths.choose_flash2_path(gpu, packable=True)[0] == "packed"
     compiled = CallFacts(tokens=100_000, slots=200_000, batch=64, length=3125, device="cuda", compiling=True)
@@ -106,9 +109,11 @@ def test_bert_switches_both_ways_as_padding_crosses_the_threshold() -> None:
     ref, model = _bert()
     report = patchkit.apply(model, attention="sdpa")
     assert "path per call" in str(report)
-    batch, length = 2, 32  # 64 tokens: under the unpadded-token threshold, so padding decides
+    batch, length = 4, 50  # 200 tokens: under the unpadded-token threshold, so padding decides
     assert batch * length < sdpa_paths.ENCODER_CPU_MIN_TOKENS_UNPADDED
-    below, above = _crossing(batch, length, sdpa_paths.ENCODER_CPU_MIN_PADDING)
+    # the padded slots from which packing pays: the fraction threshold, and a minimum count of slots
+    need = max(math.ceil(sdpa_paths.ENCODER_CPU_MIN_PADDING * batch * length), sdpa_paths.ENCODER_CPU_MIN_PADDED_SLOTS)
+    below, above = _mask(batch, length, need - 1), _mask(batch, length, need)
     ids = torch.randint(0, 99, (batch, length))
     log = log_of(model.encoder)
     assert log is not None
@@ -238,7 +243,8 @@ def test_flash2_switches_both_ways_and_decode_steps_run_the_original() -> None:
     assert "path per call" in str(report)
     log = log_of(model.model)
     assert log is not None
-    batch, length = 2, 40
+    batch, length = 4, 100  # 5% of 400 slots = 20 padded slots: both thresholds cross together
+    assert math.ceil(flash2_paths.CPU_MIN_PADDING * batch * length) >= flash2_paths.CPU_MIN_PADDED_SLOTS
     below, above = _crossing(batch, length, flash2_paths.CPU_MIN_PADDING)
     ids = torch.randint(0, 99, (batch, length))
     with torch.no_grad():

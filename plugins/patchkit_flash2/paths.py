@@ -23,6 +23,9 @@ from patchkit.paths import CallFacts
 # 10% padding at every size measured; without padding flash2's own path only adds work (the
 # varlen reference kernel on full rows: 0.88x), so the original runs.
 CPU_MIN_PADDING = 0.05
+# ... with at least this many padded slots to skip: Llama 768 x 4, 1 x 16 at 30% (5 slots) ran
+# 0.94-0.95x padding-free (bench/regimes.py --quick, 2026-12-07): unpad/re-pad cost what 5 rows save.
+CPU_MIN_PADDED_SLOTS = 16
 # CUDA: not calibrated on a GPU in this session (no device run). Small calls are launch-bound (the
 # unpad / re-pad kernels and the host sync are fixed costs), and compiled packed models measured
 # 0.42-0.58x of compiled HF sdpa on an H100 (docs/benchmarks.md): original when compiling.
@@ -37,6 +40,9 @@ def choose_flash2_path(facts: CallFacts, packable: bool) -> tuple[str, str]:
     if not packable:
         return "original", "cannot run padding-free (no padding, hooks, a static cache, padding_free=False)"
     if facts.device == "cpu":
+        skipped = facts.slots - facts.tokens
+        if facts.padding >= CPU_MIN_PADDING and skipped < CPU_MIN_PADDED_SLOTS:
+            return "original", f"only {skipped} padded slots < {CPU_MIN_PADDED_SLOTS}: too few to pay for unpadding"
         if facts.padding >= CPU_MIN_PADDING:
             return "packed", f"padding {facts.padding:.0%} >= {CPU_MIN_PADDING:.0%}"
         return "original", f"padding {facts.padding:.0%} < {CPU_MIN_PADDING:.0%}"
@@ -53,6 +59,7 @@ def describe_rule() -> str:
     """The rule in one line, for the apply report."""
     return (
         "decode steps and calls that cannot run padding-free: original (transformers' attention); otherwise "
-        f"padding-free on CPU when padding >= {CPU_MIN_PADDING:.0%}, on GPU when padding >= {CUDA_MIN_PADDING:.0%} "
-        f"and >= {CUDA_MIN_TOKENS} tokens (never compiled on GPU); force with path='packed'|'original'"
+        f"padding-free on CPU when padding >= {CPU_MIN_PADDING:.0%} and >= {CPU_MIN_PADDED_SLOTS} padded slots, "
+        f"on GPU when padding >= {CUDA_MIN_PADDING:.0%} and >= {CUDA_MIN_TOKENS} tokens (never compiled on GPU); "
+        "force with path='packed'|'original'"
     )

@@ -26,6 +26,9 @@ OPTION_ATTR = "_patchkit_path_option"  # the apply option, on the patched module
 # 32 x 256: 1.05-1.13x) and lose below (1 x 16: 0.95x, 1 x 64: 0.97x).
 ENCODER_CPU_MIN_PADDING = 0.02  # padded fraction from which packing pays on the CPU
 ENCODER_CPU_MIN_TOKENS_UNPADDED = 256  # without padding: packed only from this many tokens (oneDNN rows)
+# ... and only with enough padded slots to skip: 1 x 16 at 30% (5 slots) ran 0.96-0.99x packed
+# (bench/regimes.py --quick, 2026-12-07): the gather/scatter and the length read cost what 5 rows save.
+ENCODER_CPU_MIN_PADDED_SLOTS = 16
 # CUDA: not calibrated on a GPU in this session (no device). Kernel launches dominate small calls, and
 # the H100 sessions measured compiled packed BERT at 0.71-0.84x of compiled HF: original when compiling.
 ENCODER_CUDA_MIN_PADDING = 0.15
@@ -51,7 +54,10 @@ def _gpu_rule(facts: CallFacts, min_padding: float, min_tokens: int) -> tuple[st
     return "packed", f"padding {facts.padding:.0%}, {facts.tokens} tokens on {facts.device}"
 
 
-def _cpu_rule(facts: CallFacts, min_padding: float, min_unpadded: int) -> tuple[str, str]:
+def _cpu_rule(facts: CallFacts, min_padding: float, min_unpadded: int, min_slots: int = 0) -> tuple[str, str]:
+    skipped = facts.slots - facts.tokens
+    if facts.padding >= min_padding and skipped < min_slots and facts.tokens < min_unpadded:
+        return "original", f"only {skipped} padded slots < {min_slots}: too few to pay for packing"
     if facts.padding >= min_padding:
         return "packed", f"padding {facts.padding:.0%} >= {min_padding:.0%}"
     if facts.tokens >= min_unpadded:
@@ -62,7 +68,7 @@ def _cpu_rule(facts: CallFacts, min_padding: float, min_unpadded: int) -> tuple[
 def choose_encoder_path(facts: CallFacts) -> tuple[str, str]:
     """``("packed" | "original", why)`` for one call of a BERT-family / DistilBERT encoder."""
     if facts.device == "cpu":
-        return _cpu_rule(facts, ENCODER_CPU_MIN_PADDING, ENCODER_CPU_MIN_TOKENS_UNPADDED)
+        return _cpu_rule(facts, ENCODER_CPU_MIN_PADDING, ENCODER_CPU_MIN_TOKENS_UNPADDED, ENCODER_CPU_MIN_PADDED_SLOTS)
     return _gpu_rule(facts, ENCODER_CUDA_MIN_PADDING, ENCODER_CUDA_MIN_TOKENS)
 
 
@@ -78,8 +84,9 @@ def choose_opt_path(facts: CallFacts) -> tuple[str, str]:
 def describe_encoder_rule() -> str:
     """The encoder rule in one line, for the apply report."""
     return (
-        f"packed on CPU when padding >= {ENCODER_CPU_MIN_PADDING:.0%} or >= {ENCODER_CPU_MIN_TOKENS_UNPADDED} "
-        f"tokens, on GPU when padding >= {ENCODER_CUDA_MIN_PADDING:.0%} and >= {ENCODER_CUDA_MIN_TOKENS} tokens "
+        f"packed on CPU when padding >= {ENCODER_CPU_MIN_PADDING:.0%} (and >= {ENCODER_CPU_MIN_PADDED_SLOTS} padded "
+        f"slots) or >= {ENCODER_CPU_MIN_TOKENS_UNPADDED} tokens, on GPU when padding >= "
+        f"{ENCODER_CUDA_MIN_PADDING:.0%} and >= {ENCODER_CUDA_MIN_TOKENS} tokens "
         "(never compiled on GPU); otherwise the original forward; force with path='packed'|'original'"
     )
 
