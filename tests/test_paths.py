@@ -71,6 +71,9 @@ def test_cost_models_are_pure_functions_of_the_facts() -> None:
     compiled = CallFacts(tokens=100_000, slots=200_000, batch=64, length=3125, device="cuda", compiling=True)
     assert flash2_paths.choose_flash2_path(compiled, packable=True)[0] == "original"
     assert sdpa_paths.choose_encoder_path(compiled)[0] == "original"
+    compiled_cpu = CallFacts(tokens=700, slots=1024, batch=4, length=256, compiling=True)
+    assert sdpa_paths.choose_opt_path(compiled_cpu)[0] == "original"  # compiled packed OPT lost on the CPU
+    assert sdpa_paths.choose_encoder_path(compiled_cpu)[0] == "packed"  # compiled packed BERT won there
     tiny_gpu = CallFacts(tokens=10, slots=20, batch=1, length=20, device="cuda")
     assert sdpa_paths.choose_encoder_path(tiny_gpu)[0] == "original"  # launch-bound
 

@@ -40,6 +40,9 @@ ENCODER_CUDA_MIN_TOKENS = 4096
 # cache to continue) always run the original (transformers' SDPA): nothing to unpad.
 OPT_CPU_MIN_PADDING = 0.02
 OPT_CPU_MIN_TOKENS_UNPADDED = 2048
+# Compiled (inductor) on the CPU the packed OPT lost: 32 x 128 at 30% ran 0.81-0.86x of compiled HF
+# (bench/regimes.py --quick, twice, 2026-12-07), so a compiled OPT runs the original (BERT and
+# flash2's Llama keep packing compiled: 1.39-1.41x and 1.21x in the same runs).
 OPT_CUDA_MIN_PADDING = 0.15
 OPT_CUDA_MIN_TOKENS = 4096
 
@@ -76,6 +79,8 @@ def choose_opt_path(facts: CallFacts) -> tuple[str, str]:
     """``("packed" | "original", why)`` for one call of an OPT decoder."""
     if facts.cached:
         return "original", "continues a KV cache (decode step): transformers' SDPA, nothing to unpad"
+    if facts.compiling:
+        return "original", "compiled: the packed OPT does not profit from inductor (CPU 0.81-0.86x, GPU 0.71-0.84x)"
     if facts.device == "cpu":
         return _cpu_rule(facts, OPT_CPU_MIN_PADDING, OPT_CPU_MIN_TOKENS_UNPADDED)
     return _gpu_rule(facts, OPT_CUDA_MIN_PADDING, OPT_CUDA_MIN_TOKENS)
@@ -94,7 +99,8 @@ def describe_encoder_rule() -> str:
 def describe_opt_rule() -> str:
     """The OPT rule in one line, for the apply report."""
     return (
-        "decode steps (a cache to continue): original (transformers' SDPA); otherwise packed on CPU when "
+        "decode steps (a cache to continue) and compiled calls: original (transformers' SDPA); otherwise packed on "
+        "CPU when "
         f"padding >= {OPT_CPU_MIN_PADDING:.0%} or >= {OPT_CPU_MIN_TOKENS_UNPADDED} tokens, on GPU when padding >= "
         f"{OPT_CUDA_MIN_PADDING:.0%} and >= {OPT_CUDA_MIN_TOKENS} tokens (never compiled on GPU); "
         "force with path='packed'|'original'"
