@@ -45,9 +45,22 @@ NEW_EXACT = {
 HOLES_FALL_BACK = {"modernbert", "ultrabert", "deberta", "deberta-v2", "roformer"}
 
 
+def _has(arch: str) -> bool:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return arch in CONFIG_MAPPING_NAMES
+
+
+def _require(arch: str) -> None:
+    """Skip where the installed transformers release has no such architecture (gte, ultrabert: not in 5.17)."""
+    if not _has(arch):
+        pytest.skip(f"transformers {transformers.__version__} has no {arch!r} architecture")
+
+
 def _model(arch: str, dropout: float | None = None) -> Any:
     from transformers.models.auto import modeling_auto as auto
 
+    _require(arch)
     config = shrink(transformers.AutoConfig.for_model(arch))
     if dropout is not None:
         for name in list(vars(config)):
@@ -227,6 +240,8 @@ def test_cross_encoder_predict_same_scores(tmp_path: pathlib.Path) -> None:
     st = pytest.importorskip("sentence_transformers")
     pairs = [(SENTENCES[0], SENTENCES[1]), (SENTENCES[2], SENTENCES[3]), (SENTENCES[4], SENTENCES[0])]
     for arch, head in (("deberta-v2", "DebertaV2ForSequenceClassification"), ("gte", "GteForSequenceClassification")):
+        if not _has(arch):  # gte is not in transformers 5.17
+            continue
         path = _save_tiny(tmp_path / arch, arch, head, num_labels=1)
         model = st.CrossEncoder(str(path), device="cpu")
         expected = torch.as_tensor(model.predict(pairs))
@@ -240,6 +255,7 @@ def test_cross_encoder_predict_same_scores(tmp_path: pathlib.Path) -> None:
 def test_feature_extraction_pipeline(tmp_path: pathlib.Path) -> None:
     from transformers import pipeline
 
+    _require("gte")
     path = _save_tiny(tmp_path / "gte", "gte", "GteModel")
     pipe = pipeline("feature-extraction", model=str(path), device="cpu")
     expected = pipe(SENTENCES[:3], batch_size=3)
@@ -274,6 +290,7 @@ def test_rotary_tables_handed_to_the_stack_are_packed() -> None:
 def test_deepcopy_of_patched_root_runs_packed_and_reverses_on_its_own() -> None:
     import copy
 
+    _require("gte")
     from transformers import GteModel
 
     config = shrink(transformers.AutoConfig.for_model("gte"))
