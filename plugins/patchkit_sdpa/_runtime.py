@@ -57,3 +57,15 @@ def hooks_reason(hooked: list[str]) -> str:
     """The fallback reason for :func:`patchkit.toolkit.hooked_modules`' findings."""
     more = f" and {len(hooked) - 3} more" if len(hooked) > 3 else ""
     return f"hooks inside the patched region would see the packed path's calls (or none): {'; '.join(hooked[:3])}{more}"
+
+
+def refuse_config_outputs(config: Any) -> None:
+    """``UnsupportedError`` when ``config.output_attentions`` / ``output_hidden_states`` is set: every
+    call would take the original path, so patching would only add a check per call."""
+    if getattr(config, "output_attentions", False) or getattr(config, "output_hidden_states", False):
+        from patchkit import UnsupportedError
+
+        raise UnsupportedError(
+            "config.output_attentions / output_hidden_states is set: every call would need the original path; "
+            "unset it (pass output_*=True per call instead) or leave the model unpatched"
+        )

@@ -29,7 +29,7 @@ from ._inference import inference_ready, linear
 from ._masks import key_padding
 from ._packing import KERNELS_ATTR, Packing, kernels_of, make_packing, pack, run_layers, unpack, varlen_sdpa
 from ._paths import OPTION_ATTR, choose_encoder_path, decide, describe_encoder_rule, record_original
-from ._runtime import hooks_reason, request_problem, warn_fallback
+from ._runtime import hooks_reason, refuse_config_outputs, request_problem, warn_fallback
 from ._verify import method_differs
 
 # kwargs the host passes to the encoder that the packed path may ignore when they are falsy/None.
@@ -188,11 +188,7 @@ def check(module: Any, ctx: PatchContext) -> str | None:
             "BERT used as a decoder / with cross-attention is not supported by the padding-free encoder path; "
             "leave it unpatched (strict=False)"
         )
-    if getattr(config, "output_attentions", False) or getattr(config, "output_hidden_states", False):
-        raise UnsupportedError(
-            "config.output_attentions / output_hidden_states is set: every call would need the original path; "
-            "unset it (pass output_*=True per call instead) or leave the model unpatched"
-        )
+    refuse_config_outputs(config)
     for i, layer in enumerate(module.layer):
         if not hasattr(layer, "attention"):
             return f"layer {i} is not BERT-structured"

@@ -36,7 +36,7 @@ from ._inference import inference_ready, linear
 from ._masks import key_padding
 from ._packing import KERNELS_ATTR, Packing, kernels_of, make_packing, pack, run_layers, unpack, varlen_sdpa
 from ._paths import OPTION_ATTR, choose_encoder_path, decide, describe_encoder_rule, record_original
-from ._runtime import hooks_reason, request_problem, warn_fallback
+from ._runtime import hooks_reason, refuse_config_outputs, request_problem, warn_fallback
 from ._verify import method_differs
 from .bert import _execution_devices, _no_own_tensors
 
@@ -118,11 +118,7 @@ def check(module: Any, ctx: PatchContext) -> str | None:
             "dispatch it as one block (device_map) or leave it unpatched (strict=False)"
         )
     config = getattr(module.layer[0].attention, "config", None)
-    if getattr(config, "output_attentions", False) or getattr(config, "output_hidden_states", False):
-        raise UnsupportedError(
-            "config.output_attentions / output_hidden_states is set: every call would need the original path; "
-            "unset it (pass output_*=True per call instead) or leave the model unpatched"
-        )
+    refuse_config_outputs(config)
     for i, block in enumerate(module.layer):
         if not _block_shaped(block):
             return f"block {i} is not DistilBERT-structured"

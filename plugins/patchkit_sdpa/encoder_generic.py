@@ -45,7 +45,7 @@ from patchkit.toolkit import governed, hooked_modules
 
 from . import encoder_dispatch as dispatch
 from ._packing import KERNELS_ATTR, kernels_of, make_packing, pack, unpack
-from ._runtime import hooks_reason, request_problem, warn_fallback
+from ._runtime import hooks_reason, refuse_config_outputs, request_problem, warn_fallback
 
 # Keywords an attention module may pass to the interface: what the packed attention implements.
 EXACT_KEYWORDS = frozenset(
@@ -251,11 +251,7 @@ def check(module: Any, ctx: PatchContext) -> str | None:
     config = module.config
     if getattr(config, "add_cross_attention", False):
         raise UnsupportedError("cross-attention encoders are not supported by the packed path")
-    if getattr(config, "output_attentions", False) or getattr(config, "output_hidden_states", False):
-        raise UnsupportedError(
-            "config.output_attentions / output_hidden_states is set: every call would need the original path; "
-            "unset it (pass output_*=True per call instead) or leave the model unpatched"
-        )
+    refuse_config_outputs(config)
     if hooked := hooked_modules(module, include_global=False):
         raise UnsupportedError(
             f"{hooks_reason(hooked)}; remove the hooks before patching or leave the encoder unpatched (strict=False)"

@@ -29,7 +29,7 @@ from patchkit.toolkit import governed, hooked_modules, require_known
 from ._inference import inference_ready, linear
 from ._masks import key_padding
 from ._packing import Packing, make_packing, pack, unpack
-from ._runtime import hooks_reason, request_problem, warn_fallback
+from ._runtime import hooks_reason, refuse_config_outputs, request_problem, warn_fallback
 from ._verify import method_differs
 
 _IGNORABLE = frozenset({"output_attentions", "output_hidden_states", "return_dict", "use_cache"})
@@ -99,11 +99,7 @@ def check(module: Any, ctx: PatchContext) -> str | None:
             if (p := method_differs(mod, ref[key])) is not None:
                 return f"layer {i} is not verifiably MPNet: {p}"
     config = getattr(module, "config", None)
-    if getattr(config, "output_attentions", False) or getattr(config, "output_hidden_states", False):
-        raise UnsupportedError(
-            "config.output_attentions / output_hidden_states is set: every call would need the original path; "
-            "unset it (pass output_*=True per call instead) or leave the model unpatched"
-        )
+    refuse_config_outputs(config)
     if hooked := hooked_modules(module, include_global=False):
         raise UnsupportedError(
             f"{hooks_reason(hooked)}; remove the hooks before patching or leave the encoder unpatched (strict=False)"

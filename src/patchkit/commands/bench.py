@@ -34,7 +34,7 @@ from typing import Any
 
 from ..cli import UsageError, _for_the_cli, _parse_options
 from ..errors import PatchError
-from .common import add_apply_options, add_progress_flags, model_class, one_line, progress, show_progress
+from .common import add_apply_options, add_progress_flags, model_class, one_line, parse_dtype, progress, show_progress
 
 SWEEP_PADDING = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 MIB = 1024 * 1024
@@ -173,17 +173,6 @@ def text_batch(folder: Path, text: Path, batch: int, seq: int, left: bool, devic
 # ---------------------------------------------------------------------------------------------- model
 
 
-def _dtype(name: str) -> Any:
-    import torch
-
-    if name == "auto":
-        return "auto"
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise UsageError(f"--dtype {name!r}: expected auto or a floating torch dtype (float32, bfloat16, float16)")
-    return value
-
-
 def has_weights(folder: Path) -> bool:
     return (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
 
@@ -196,7 +185,7 @@ def load_model(args: argparse.Namespace, show: bool) -> tuple[Any, bool]:
 
     source = Path(args.source)
     cls, raw = model_class(source)
-    dtype = _dtype(args.dtype)
+    dtype = parse_dtype(args.dtype)
     extra = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
     if source.is_dir() and has_weights(source):
         model = patchkit.from_pretrained(cls, source, dtype=dtype, device=args.device, progress=show, **extra)

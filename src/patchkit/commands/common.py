@@ -90,3 +90,15 @@ def add_apply_options(parser: argparse.ArgumentParser, *, quantize_required: boo
         "-o", "--option", action="append", metavar="KEY=VALUE", help="a patcher option, as apply(..., key=value)"
     )
     parser.add_argument("--lenient", action="store_true", help="leave unsupported modules alone instead of failing")
+
+
+def parse_dtype(name: str) -> Any:
+    """``--dtype``: ``"auto"`` or a floating torch dtype by name; :class:`UsageError` otherwise."""
+    import torch
+
+    if name == "auto":
+        return "auto"
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise UsageError(f"--dtype {name!r}: expected auto or a floating torch dtype (float32, bfloat16, float16)")
+    return value

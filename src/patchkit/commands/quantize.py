@@ -19,7 +19,7 @@ from typing import Any
 
 from ..cli import UsageError, _parse_options
 from ..errors import PatchError
-from .common import add_apply_options, add_progress_flags, model_class, one_line, show_progress
+from .common import add_apply_options, add_progress_flags, model_class, one_line, parse_dtype, show_progress
 
 # Files besides the weights that make DEST usable on its own (tokenizer, processor, chat template).
 _COMPANIONS = (
@@ -69,17 +69,6 @@ def _check_paths(source: Path, dest: Path, overwrite: bool) -> None:
         raise UsageError(f"{dest}: DEST is inside SOURCE; write the quantized checkpoint elsewhere")
 
 
-def _dtype(name: str) -> Any:
-    import torch
-
-    if name == "auto":
-        return "auto"
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise UsageError(f"--dtype {name!r}: expected auto or a floating torch dtype (float32, bfloat16, float16)")
-    return value
-
-
 def _size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
 
@@ -101,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     source, dest = Path(args.source), Path(args.dest)
     _check_paths(source, dest, args.overwrite)
     options = _parse_options(args.option)
-    dtype = _dtype(args.dtype)
+    dtype = parse_dtype(args.dtype)
     cls, _ = model_class(source)
     start = time.perf_counter()
     created: list[Path] = []
