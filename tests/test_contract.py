@@ -196,9 +196,12 @@ def test_keep_original_checkpoint_for_a_third_party_quantizer(tmp_path: Path) ->
 # -- defects of the core -------------------------------------------------------------------------------
 
 
-def test_an_interrupt_during_the_commit_phase_completes_the_commit_first() -> None:
+def test_an_interrupt_during_the_commit_phase_completes_the_commit_first(request: pytest.FixtureRequest) -> None:
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals reach the main thread only")
+    # Python's Ctrl-C handler, whatever the runner set (a shell's background job starts with SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     model = tiny_llama()
     patcher, calls = int8_patcher(on_commit=lambda n: signal.raise_signal(signal.SIGINT) if n == 2 else None)
     linears = sum(isinstance(m, nn.Linear) for m in model.modules())
