@@ -31,6 +31,7 @@ from torch import nn
 
 from patchkit import Patcher, UnsupportedError
 from patchkit.paths import OPTION as PATH_OPTION
+from patchkit.toolkit import dispatch_keywords
 
 from . import dispatch
 from .common import check_output_attentions, pick_backend, route_through_patchkit
@@ -77,26 +78,13 @@ _WHY = {
 }
 
 
-_KEYWORDS: dict[Any, frozenset[str] | None] = {}  # class -> what its source says (a pure function of it)
-
-
 def attention_keywords(cls: Any) -> frozenset[str] | None:
-    """Keywords ``cls.forward`` passes to the attention interface, or ``None`` when it does not
-    dispatch through ``ALL_ATTENTION_FUNCTIONS`` at all."""
-    if cls in _KEYWORDS:
-        return _KEYWORDS[cls]
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError, AttributeError):
-        source = ""
-    found: frozenset[str] | None = None
-    if "ALL_ATTENTION_FUNCTIONS" in source and "attention_interface(" in source:
-        keywords: set[str] = set()
-        for call in re.finditer(r"attention_interface\((.*?)\n\s*\)", source, re.S):
-            keywords.update(re.findall(r"\b([a-z_]+)\s*=", call.group(1)))
-        found = frozenset(keywords)
-    _KEYWORDS[cls] = found
-    return found
+    """Keywords ``cls.forward`` passes to transformers' attention interface, or ``None`` when it does
+    not dispatch through ``ALL_ATTENTION_FUNCTIONS``."""
+    forward = getattr(cls, "forward", None)
+    if forward is None:
+        return None
+    return dispatch_keywords(forward, "ALL_ATTENTION_FUNCTIONS", "attention_interface")
 
 
 def match(module: nn.Module, path: str, root: nn.Module) -> bool:

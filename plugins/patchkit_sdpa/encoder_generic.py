@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from patchkit import PatchContext, UnsupportedError
-from patchkit.toolkit import governed, hooked_modules
+from patchkit.toolkit import dispatch_keywords, governed, hooked_modules
 
 from . import encoder_dispatch as dispatch
 from ._packing import KERNELS_ATTR, kernels_of, make_packing, pack, unpack
@@ -82,26 +82,14 @@ DECLINED: dict[str, str] = {}
 _IGNORABLE = frozenset({"return_dict", "use_cache", "output_attentions", "output_hidden_states"})
 _BASE_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "token_type_ids", "position_ids")
 
-_KEYWORDS: dict[Any, frozenset[str] | None] = {}
-
 
 def attention_keywords(cls: Any) -> frozenset[str] | None:
-    """Keywords ``cls.forward`` passes to the attention interface, or ``None`` when it does not
-    dispatch through ``ALL_ATTENTION_FUNCTIONS``."""
-    if cls in _KEYWORDS:
-        return _KEYWORDS[cls]
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError, AttributeError):
-        source = ""
-    found: frozenset[str] | None = None
-    if "ALL_ATTENTION_FUNCTIONS" in source and "attention_interface(" in source:
-        keywords: set[str] = set()
-        for call in re.finditer(r"attention_interface\((.*?)\n\s*\)", source, re.S):
-            keywords.update(re.findall(r"\b([a-z_]+)\s*=", call.group(1)))
-        found = frozenset(keywords)
-    _KEYWORDS[cls] = found
-    return found
+    """Keywords ``cls.forward`` passes to transformers' attention interface, or ``None`` when it does
+    not dispatch through ``ALL_ATTENTION_FUNCTIONS``."""
+    forward = getattr(cls, "forward", None)
+    if forward is None:
+        return None
+    return dispatch_keywords(forward, "ALL_ATTENTION_FUNCTIONS", "attention_interface")
 
 
 def _from_transformers(module: Any) -> bool:

@@ -13,6 +13,8 @@ What it offers (each name's docstring states its contract):
 - **Attention kernels by name**: :class:`AttentionBackend`, :func:`resolve_backend`.
 - **Hook detection**: :func:`foreign_hooks`, :func:`global_hooks`, :func:`hooked_modules`, and
   :func:`share_hooks` for a replacement built from scratch (``patchkit.share_as`` shares hooks itself).
+- **Dispatch detection**: :func:`dispatch_keywords` (which keywords a method passes to a named
+  dispatch call, read from its source).
 - **Source fingerprints** of the library code a re-derived path mirrors: :func:`fingerprint`,
   :func:`require_known`, :func:`trusted`.
 
@@ -30,6 +32,7 @@ import functools
 import hashlib
 import inspect
 import os
+import re
 import sys
 import textwrap
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -52,6 +55,7 @@ __all__ = [
     "AttentionBackend",
     "Group",
     "PaddedBuffers",
+    "dispatch_keywords",
     "fingerprint",
     "foreign_hooks",
     "global_hooks",
@@ -214,3 +218,23 @@ def require_known(what: str, functions: Sequence[Callable[..., Any]], known: Map
         f"Leave the model unpatched (strict=False), or, after checking the results, set {TRUST_ENV}=1 "
         f"or pass {TRUST_OPTION}=True to patch anyway"
     )
+
+
+@functools.cache
+def dispatch_keywords(method: Callable[..., Any], table: str, call: str) -> frozenset[str] | None:
+    """The keyword names ``method`` passes to ``call(...)``, read from its source, when the source
+    looks its callee up in the dispatch table named ``table`` (for transformers' attention:
+    ``table="ALL_ATTENTION_FUNCTIONS"``, ``call="attention_interface"``); ``None`` when it does not
+    dispatch through that table, or has no source. A pure function of the source: cached per method.
+    A patcher that routes the table's calls to its own kernel compares these names with what the
+    kernel implements, and refuses the rest."""
+    try:
+        source = inspect.getsource(method)
+    except (OSError, TypeError):
+        return None
+    if table not in source or f"{call}(" not in source:
+        return None
+    keywords: set[str] = set()
+    for found in re.finditer(rf"{re.escape(call)}\((.*?)\n\s*\)", source, re.S):
+        keywords.update(re.findall(r"\b([a-z_]+)\s*=", found.group(1)))
+    return frozenset(keywords)
