@@ -54,6 +54,7 @@ def _valid(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
 def test_cost_models_are_pure_functions_of_the_facts() -> None:
     small = CallFacts(tokens=16, slots=16, batch=1, length=16)
     few = CallFacts(tokens=11, slots=16, batch=1, length=16)  # 30% padding but 5 slots: not worth packing
+    assert few.padded_slots == 5
     assert sdpa_paths.choose_encoder_path(few)[0] == "original"
     padded = CallFacts(tokens=700, slots=1024, batch=4, length=256)
     assert sdpa_paths.choose_encoder_path(small)[0] == "original"

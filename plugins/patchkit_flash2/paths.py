@@ -40,9 +40,11 @@ def choose_flash2_path(facts: CallFacts, packable: bool) -> tuple[str, str]:
     if not packable:
         return "original", "cannot run padding-free (no padding, hooks, a static cache, padding_free=False)"
     if facts.device == "cpu":
-        skipped = facts.slots - facts.tokens
-        if facts.padding >= CPU_MIN_PADDING and skipped < CPU_MIN_PADDED_SLOTS:
-            return "original", f"only {skipped} padded slots < {CPU_MIN_PADDED_SLOTS}: too few to pay for unpadding"
+        if facts.padding >= CPU_MIN_PADDING and facts.padded_slots < CPU_MIN_PADDED_SLOTS:
+            return (
+                "original",
+                f"only {facts.padded_slots} padded slots < {CPU_MIN_PADDED_SLOTS}: too few to pay for unpadding",
+            )
         if facts.padding >= CPU_MIN_PADDING:
             return "packed", f"padding {facts.padding:.0%} >= {CPU_MIN_PADDING:.0%}"
         return "original", f"padding {facts.padding:.0%} < {CPU_MIN_PADDING:.0%}"

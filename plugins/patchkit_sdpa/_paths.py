@@ -58,9 +58,8 @@ def _gpu_rule(facts: CallFacts, min_padding: float, min_tokens: int) -> tuple[st
 
 
 def _cpu_rule(facts: CallFacts, min_padding: float, min_unpadded: int, min_slots: int = 0) -> tuple[str, str]:
-    skipped = facts.slots - facts.tokens
-    if facts.padding >= min_padding and skipped < min_slots and facts.tokens < min_unpadded:
-        return "original", f"only {skipped} padded slots < {min_slots}: too few to pay for packing"
+    if facts.padding >= min_padding and facts.padded_slots < min_slots and facts.tokens < min_unpadded:
+        return "original", f"only {facts.padded_slots} padded slots < {min_slots}: too few to pay for packing"
     if facts.padding >= min_padding:
         return "packed", f"padding {facts.padding:.0%} >= {min_padding:.0%}"
     if facts.tokens >= min_unpadded:

@@ -24,7 +24,7 @@ from typing import Any
 from torch import nn
 
 from .errors import PatchedModelError
-from .journal import Journal, find_journals
+from .journal import Journal, applied_label, find_journals
 from .original_view import layout_differences
 
 SAVE_METHODS = ("save_pretrained", "push_to_hub")
@@ -35,7 +35,7 @@ def applied_words(root: nn.Module) -> str:
     merged: dict[str, str] = {}
     for _, journal in find_journals(root):
         merged.update(journal.applied_kinds())
-    return ", ".join(f"{k.split(':', 1)[0]}={v}" for k, v in merged.items()) or "patches"
+    return ", ".join(applied_label(k, v) for k, v in merged.items()) or "patches"
 
 
 def _patchers(root: nn.Module) -> list[Any]:

@@ -37,6 +37,12 @@ if TYPE_CHECKING:
 JOURNAL_ATTR = "_patchkit_journal"
 
 
+def applied_label(key: str, family: str) -> str:
+    """How reports, plans and errors name an applied stage: the keyword of ``apply`` and its value
+    (``attention=sdpa``, ``quantize=int8``, ``patch=nodropout``), for an :func:`applied` key."""
+    return f"{key.split(':', 1)[0]}={family}"
+
+
 class _Missing:
     """'No instance attribute before': one object, kept the same through copies and pickles."""
 

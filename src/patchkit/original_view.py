@@ -142,9 +142,8 @@ def layout_differences(module: nn.Module, journals: Iterable[Journal]) -> tuple[
     for key in original.keys() - current.keys():
         blame(key, f"{key} is missing from the patched state dict")
     for key in current.keys() - original.keys():
+        owners.setdefault(key, _owner_by_prefix(key, owners))  # a key only the patched layout has
         blame(key, f"{key} is not in the original model")
-        owners.setdefault(key, _owner_by_prefix(key, owners))
-        blamed.setdefault(id(owners[key]), owners[key]) if owners[key] is not None else None
     for key in original.keys() & current.keys():
         a, b = original[key], current[key]
         if not same_tensor(a, b):

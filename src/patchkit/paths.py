@@ -66,6 +66,11 @@ class CallFacts:
         """The padded fraction of the call's ``batch x length`` slots (0.0 for an empty call)."""
         return 1.0 - self.tokens / self.slots if self.slots else 0.0
 
+    @property
+    def padded_slots(self) -> int:
+        """How many of the ``batch x length`` slots are padding (what a packed path would skip)."""
+        return self.slots - self.tokens
+
 
 @dataclass
 class PathLog:

@@ -24,7 +24,7 @@ from torch import nn
 from . import guards, keep
 from .atomic import interrupts_held, run_all
 from .errors import ConflictError, PatchError, UnsupportedError
-from .journal import JOURNAL_ATTR, Journal, Layer, _Replace, find_journal
+from .journal import JOURNAL_ATTR, Journal, Layer, _Replace, applied_label, find_journal
 from .patcher import Patcher
 from .planning import (
     PlannedPatch,
@@ -104,12 +104,6 @@ def stage_key(kind: str, family: str) -> str:
     return kind if kind != "other" else f"patch:{family}"
 
 
-def applied_label(key: str, family: str) -> str:
-    """How reports, plans and errors name an applied stage: the keyword of ``apply`` and its value
-    (``attention=sdpa``, ``quantize=int8``, ``patch=nodropout``), for an :func:`applied` key."""
-    return f"{key.split(':', 1)[0]}={family}"
-
-
 def check_not_applied(model: nn.Module, stages: list[tuple[str, str]]) -> None:
     """:class:`ConflictError` when a kind is requested twice, or is already applied to ``model``."""
     keys = [stage_key(kind, family) for kind, family in stages]
@@ -142,17 +136,14 @@ class Run:
         self._built: dict[int, dict[str, tuple[Patcher, list[str]]]] = {}  # id(stage) -> patcher -> paths
 
     # -- the journal layer --------------------------------------------------------------------------------
-    def open_layer(self) -> int:
-        """Attach the journal (if the model has none) and open this run's layer; returns how many
-        layers the journal had before."""
+    def open_layer(self) -> None:
+        """Attach the journal (if the model has none) and open this run's layer."""
         found = find_journal(self.model)
         self.holder = found[0] if found is not None else self.model
-        before = len(found[1].layers) if found is not None else 0
         if found is None:
             self.model.__dict__[JOURNAL_ATTR] = Journal()
         self.journal = self.holder.__dict__[JOURNAL_ATTR]
         self.layer = self.journal.begin({stage_key(k, f): f for k, f in self.request.stages})
-        return before
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
