@@ -3,6 +3,7 @@ arguments they do not understand?"""
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Collection, Mapping
 from typing import Any
@@ -69,3 +70,10 @@ def refuse_config_outputs(config: Any) -> None:
             "config.output_attentions / output_hidden_states is set: every call would need the original path; "
             "unset it (pass output_*=True per call instead) or leave the model unpatched"
         )
+
+
+@functools.cache
+def mixed_class(mixin: type, cls: type, prefix: str) -> type:
+    """The subclass ``<prefix><cls>`` of the user's class ``cls`` with ``mixin``'s packed forward in
+    front, made once per class (so ``isinstance`` keeps working and reverse restores ``cls``)."""
+    return type(f"{prefix}{cls.__name__}", (mixin, cls), {"__module__": mixin.__module__})

@@ -36,7 +36,7 @@ from ._inference import inference_ready, linear
 from ._masks import key_padding
 from ._packing import KERNELS_ATTR, Packing, kernels_of, make_packing, pack, run_layers, unpack, varlen_sdpa
 from ._paths import OPTION_ATTR, choose_encoder_path, decide, describe_encoder_rule, record_original
-from ._runtime import hooks_reason, refuse_config_outputs, request_problem, warn_fallback
+from ._runtime import hooks_reason, mixed_class, refuse_config_outputs, request_problem, warn_fallback
 from ._verify import method_differs
 from .bert import _execution_devices, _no_own_tensors
 
@@ -212,14 +212,9 @@ class PackedDistilBertMixin:
         return BaseModelOutput(last_hidden_state=encode_packed(self, hidden_states, keep))
 
 
-_CLASSES: dict[type, type] = {}
-
-
 def packed_class(cls: type) -> type:
     """The (cached) subclass ``Sdpa<cls>`` of the user's transformer class with the packed forward."""
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Sdpa{cls.__name__}", (PackedDistilBertMixin, cls), {"__module__": __name__})
-    return _CLASSES[cls]
+    return mixed_class(PackedDistilBertMixin, cls, "Sdpa")
 
 
 def build(module: nn.Module, ctx: PatchContext) -> nn.Module:

@@ -27,7 +27,7 @@ from patchkit import PatchContext, UnsupportedError, share_as
 from patchkit.toolkit import governed, hooked_modules
 
 from ._masks import key_padding
-from ._runtime import hooks_reason, request_problem, warn_fallback
+from ._runtime import hooks_reason, mixed_class, request_problem, warn_fallback
 
 # transformers encoder classes (module, class) run per same-length group; verified by the matrix.
 SPLIT = {
@@ -167,14 +167,9 @@ def _rebuild(template: Any, full: list[torch.Tensor]) -> Any:
     return template
 
 
-_CLASSES: dict[type, type] = {}
-
-
 def split_class(cls: type) -> type:
     """The (cached) subclass ``Split<cls>`` of the user's encoder class."""
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Split{cls.__name__}", (SplitEncoderMixin, cls), {"__module__": __name__})
-    return _CLASSES[cls]
+    return mixed_class(SplitEncoderMixin, cls, "Split")
 
 
 def build(module: nn.Module, ctx: PatchContext) -> nn.Module:

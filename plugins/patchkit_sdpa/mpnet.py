@@ -29,7 +29,7 @@ from patchkit.toolkit import governed, hooked_modules, require_known
 from ._inference import inference_ready, linear
 from ._masks import key_padding
 from ._packing import Packing, make_packing, pack, unpack
-from ._runtime import hooks_reason, refuse_config_outputs, request_problem, warn_fallback
+from ._runtime import hooks_reason, mixed_class, refuse_config_outputs, request_problem, warn_fallback
 from ._verify import method_differs
 
 _IGNORABLE = frozenset({"output_attentions", "output_hidden_states", "return_dict", "use_cache"})
@@ -233,14 +233,9 @@ class PackedMPNetMixin:
         return BaseModelOutput(last_hidden_state=out)
 
 
-_CLASSES: dict[type, type] = {}
-
-
 def packed_class(cls: type) -> type:
     """The (cached) subclass ``Sdpa<cls>`` of the user's MPNet encoder class."""
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Sdpa{cls.__name__}", (PackedMPNetMixin, cls), {"__module__": __name__})
-    return _CLASSES[cls]
+    return mixed_class(PackedMPNetMixin, cls, "Sdpa")
 
 
 def build(module: nn.Module, ctx: PatchContext) -> nn.Module:
